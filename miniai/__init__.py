@@ -1,0 +1,1 @@
+"""miniai: a small deep-learning training library exported from the lesson notebooks."""
