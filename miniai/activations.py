@@ -169,9 +169,7 @@ class ActivationStats(HooksCallback):
 # %% ../notebooks/02_activations.ipynb #c021
 def clean_ipython_hist() -> None:
     "Forget IPython's input history and output caches (a no-op outside IPython)."
-    try: from IPython import get_ipython
-    except ImportError: return
-    ip = get_ipython()
+    ip = _ipython()
     if ip is None: return
     user_ns = ip.user_ns
     ip.displayhook.flush()   # drops _, __, ___ and the Out cache
@@ -183,12 +181,34 @@ def clean_ipython_hist() -> None:
     hm.input_hist_raw[:] = [''] * pc
     hm._i = hm._ii = hm._iii = hm._i00 = ''
 
+def _ipython():
+    "The running IPython shell, or None."
+    try: from IPython import get_ipython
+    except ImportError: return None
+    return get_ipython()
+
+def _clear_frames(tb) -> None:
+    "Clear every frame of a traceback, including the `f_locals` snapshot a traceback printer may have taken."
+    traceback.clear_frames(tb)
+    while tb is not None:
+        # Python 3.11 keeps a frame's `f_locals` dict alive after `frame.clear()` if it was ever read (IPython's
+        # traceback display reads it); reading it again re-syncs it with the now-empty frame and drops the tensors.
+        tb.tb_frame.f_locals
+        tb = tb.tb_next
+
 def clean_tb() -> None:
-    "Release the frames (and their tensors) held by the last exception's traceback."
-    tb = getattr(sys, 'last_traceback', None)
-    if tb is not None: traceback.clear_frames(tb)
-    exc = getattr(sys, 'last_exc', None) or getattr(sys, 'last_value', None)
-    if exc is not None and exc.__traceback__ is not None: traceback.clear_frames(exc.__traceback__)
+    "Release the frames (and their tensors) held by the last exception's traceback, in Python and in IPython."
+    tbs = [getattr(sys, 'last_traceback', None)]
+    for name in ('last_exc', 'last_value'):
+        exc = getattr(sys, name, None)
+        if exc is not None: tbs.append(exc.__traceback__)
+    ip = _ipython()
+    if ip is not None:   # IPython keeps its own references for %debug and %tb
+        tbs += [getattr(ip, '_last_traceback', None), getattr(ip.InteractiveTB, 'tb', None)]
+        if hasattr(ip, '_last_traceback'): ip._last_traceback = None
+        if hasattr(ip.InteractiveTB, 'tb'): ip.InteractiveTB.tb = None
+    for tb in tbs:
+        if tb is not None: _clear_frames(tb)
     for name in ('last_traceback', 'last_type', 'last_value', 'last_exc'):
         if hasattr(sys, name): delattr(sys, name)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -349,31 +350,39 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         learn.progress = self
-        self.mbar = fastprogress.master_bar(range(learn.n_epochs))
-        self.epochs = iter(self.mbar)
+        # bars only where they can be redrawn: in a notebook or an interactive terminal; else plain text rows
+        self.bars = fastprogress.fastprogress.IN_NOTEBOOK or sys.stdout.isatty()
+        self.mbar = fastprogress.master_bar(range(learn.n_epochs)) if self.bars else None
+        self.epochs = iter(self.mbar) if self.bars else None
         self.first_row = True
         self.losses: list[float] = []
         self._pending: list[torch.Tensor] = []
         self.val_losses: list[float] = []
 
     def log_row(self, row: Mapping) -> None:
-        "Write one metrics row (the header first)."
+        "Write one metrics row (the header first): a table in a notebook, aligned text in a terminal."
+        cells = [('train' if v else 'eval') if k == 'train' else f'{v:.3f}' if isinstance(v, float) else str(v)
+                 for k, v in row.items()]
         if self.first_row:
-            self.mbar.write([k for k in row], table=True)
+            self._write(list(row))
             self.first_row = False
-        self.mbar.write([('train' if v else 'eval') if k == 'train' else f'{v:.3f}' if isinstance(v, float) else str(v)
-                         for k, v in row.items()], table=True)
+        self._write(cells)
+
+    def _write(self, cells: list[str]) -> None:
+        if self.mbar is not None: self.mbar.write(cells, table=True)
+        else: print('  '.join(f'{c:>8}' for c in cells), flush=True)
 
     def before_epoch(self, learn: Learner) -> None:
-        if learn.training: next(self.epochs, None)
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else 0
         self._every = max(1, n // self.updates_per_epoch) if n else 50
-        learn.dl = fastprogress.progress_bar(learn.dl, leave=False, parent=self.mbar)   # the learner iterates the bar
+        if self.bars:
+            if learn.training: next(self.epochs, None)
+            learn.dl = fastprogress.progress_bar(learn.dl, leave=False, parent=self.mbar)  # the learner iterates the bar
 
     def after_batch(self, learn: Learner) -> None:
         if learn.training:
             self._pending.append(learn.loss.detach())
-            if self.plot and (learn.iter + 1) % self._every == 0: self._update_graph()
+            if self.plot and self.bars and (learn.iter + 1) % self._every == 0: self._update_graph()
 
     def _flush(self) -> None:
         "Read the pending per-batch losses from the device in one transfer."
@@ -393,13 +402,13 @@ class ProgressCB(Callback):
         if not learn.training:
             metrics = getattr(learn, 'metrics', None)
             if metrics is not None and metrics.history: self.val_losses.append(metrics.history[-1]['loss'])
-        if self.plot: self._update_graph()
+        if self.plot and self.bars: self._update_graph()
         else: self._flush()
 
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()
         learn.progress = None
-        self.mbar.on_iter_end()
+        if self.mbar is not None: self.mbar.on_iter_end()
 
 # %% ../notebooks/01_learner.ipynb #c034
 class LRFindResult(NamedTuple):

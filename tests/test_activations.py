@@ -1,0 +1,136 @@
+"""miniai.activations: hooks and their removal, ActivationStats against direct computation, memory cleanup."""
+import matplotlib
+matplotlib.use('Agg')
+
+import gc
+import sys
+import weakref
+
+import nbformat
+import pytest
+import torch
+import torch.nn.functional as F
+from nbclient import NotebookClient
+from torch import nn
+
+from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, _compact, batch_stats, clean_mem,
+                                clean_tb, is_leaf)
+from miniai.datasets import DataLoaders, TensorLoader
+from miniai.learner import Callback, CancelFitException, TrainLearner
+
+
+def n_hooks(model): return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def model():
+    return nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 1))
+
+
+def dls(n=40, bs=8):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
+    return DataLoaders(TensorLoader(x, y, bs), TensorLoader(x[:8], y[:8], bs))
+
+
+def test_hook_and_hooks_are_removed_by_with_blocks():
+    m = model()
+    with Hook(m[1], lambda h, mod, i, o: setattr(h, 'out', o)) as h:
+        y = m(torch.randn(2, 4))
+        assert torch.equal(h.out, y)
+    with Hooks([m[0][0], m[1]], lambda h, mod, i, o: None) as hs:
+        assert len(hs) == 2 and n_hooks(m) == 2
+    assert n_hooks(m) == 0
+    hs.remove()   # twice is fine
+
+
+def test_leaf_modules_only_by_default():
+    m = model()
+    cb = HooksCallback(lambda *a: None)
+    cb.before_fit(type('L', (), {'model': m})())
+    assert [type(h.module) for h in cb.hooks] == [nn.Linear, nn.ReLU, nn.Linear] and all(is_leaf(h.module) for h in cb)
+    cb.cleanup_fit(None)
+    assert n_hooks(m) == 0
+
+
+def test_batch_stats_against_direct_computation():
+    a = torch.randn(32, 3, 5, 5)*2 + 0.5
+    row = batch_stats(a, hist_items=16)
+    assert row.shape == (42,)
+    torch.testing.assert_close(row[0], a.mean())
+    torch.testing.assert_close(row[1], a.std(unbiased=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(row[2:], torch.histc(a[:16].abs(), 40, 0, 10))
+
+
+def test_activation_stats_records_every_training_batch_on_the_hooked_layers():
+    m = model()
+    astats = ActivationStats(lambda mod: isinstance(mod, nn.ReLU))
+    outs = []
+    class Grab(Callback):
+        def before_batch(self, learn):
+            if learn.training:
+                with torch.no_grad(): outs.append(F.relu(learn.model[0][0](learn.batch[0])))   # bypasses the hooked ReLU
+    TrainLearner(m, dls(), lr=0.0, cbs=[Grab(), astats]).fit(2)   # lr 0: the weights stay as they were
+    s = astats.stats()
+    assert len(s) == 1 and len(s[0]['means']) == 10                # 5 batches x 2 epochs, validation not recorded
+    torch.testing.assert_close(s[0]['means'], torch.stack([o.mean() for o in outs]))
+    torch.testing.assert_close(s[0]['stds'], torch.stack([o.std(unbiased=False) for o in outs]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s[0]['hists'][3], torch.histc(outs[3][:16].abs(), 40, 0, 10))
+
+
+def test_activation_stats_memory_is_bounded():
+    astats = ActivationStats(lambda mod: isinstance(mod, nn.ReLU), max_rows=8)
+    TrainLearner(model(), dls(n=200, bs=8), lr=0.01, cbs=[astats]).fit(3)   # 75 batches
+    assert len(astats.stats()[0]['means']) <= 8
+    rows = torch.arange(10.).repeat(3, 1).T   # (10, 3)
+    torch.testing.assert_close(_compact(rows)[:, 0], torch.tensor([0.5, 2.5, 4.5, 6.5, 8.5]))
+    torch.testing.assert_close(_compact(rows[:9])[-1], rows[8])
+
+
+@pytest.mark.parametrize('how', ['exception', 'cancel', 'interrupt'])
+def test_hooks_removed_however_fit_ends(how):
+    class End(Callback):
+        order = 5
+        def after_batch(self, learn):
+            if learn.iter == 1:
+                raise {'exception': ValueError('bad'), 'cancel': CancelFitException(),
+                       'interrupt': KeyboardInterrupt()}[how]
+    m = model()
+    astats = ActivationStats()
+    learn = TrainLearner(m, dls(), lr=0.1, cbs=[astats])
+    if how == 'cancel': learn.fit(1, cbs=[End()])
+    else:
+        with pytest.raises((ValueError, KeyboardInterrupt)): learn.fit(1, cbs=[End()])
+    assert n_hooks(m) == 0 and learn.cbs == [astats]
+    assert len(astats.stats()[0]['means']) == 2   # what was recorded before the end is kept
+
+
+def test_plots_draw_real_axes():
+    astats = ActivationStats()
+    TrainLearner(model(), dls(), lr=0.1, cbs=[astats]).fit(1)
+    assert len(astats.plot_stats()) == 2
+    assert astats.color_dim().shape == (1, 3) and astats.dead_chart().shape == (1, 3)
+
+
+def test_clean_mem_outside_ipython_is_safe():
+    def fail():
+        big = torch.ones(1000)
+        fail.ref = weakref.ref(big)
+        raise RuntimeError
+    try: fail()
+    except RuntimeError: sys.last_type, sys.last_value, sys.last_traceback = sys.exc_info()
+    assert fail.ref() is not None
+    clean_mem()
+    assert fail.ref() is None and not hasattr(sys, 'last_traceback')
+    clean_tb()   # nothing left to clean: still fine
+
+
+def test_clean_mem_releases_a_failed_cells_tensors_in_a_real_kernel():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in [
+        "import torch, weakref\nfrom miniai.activations import clean_mem\n"
+        "def fails():\n    big = torch.zeros(10_000_000)\n    fails.ref = weakref.ref(big)\n    raise RuntimeError('boom')",
+        "fails()",                                  # an uncaught error, as a user would get
+        "alive_before = fails.ref() is not None\nclean_mem()\nprint(alive_before, fails.ref() is not None)",
+    ]])
+    NotebookClient(nb, timeout=120, kernel_name='python3', allow_errors=True).execute()
+    assert nb.cells[1].outputs[0].output_type == 'error'
+    assert nb.cells[2].outputs[0].text.split() == ['True', 'False']
