@@ -25,10 +25,11 @@ from torch import nn, optim
 warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated', category=FutureWarning)
 
 # %% auto #0
-__all__ = ['def_device', 'to_device', 'to_cpu', 'set_seed', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'Callback', 'run_cbs', 'optimizer_step', 'frozen_bn_stats', 'Learner', 'TrainCB', 'TrainLearner',
-           'MomentumLearner', 'DeviceCB', 'SingleBatchCB', 'BatchTransformCB', 'BatchSchedCB', 'MetricsCB',
-           'format_row', 'ProgressCB', 'LRFindResult', 'LRFinderCB', 'lr_find', 'plot_lr_find']
+__all__ = ['def_device', 'RESULTS_MIME', 'to_device', 'to_cpu', 'set_seed', 'CancelFitException', 'CancelEpochException',
+           'CancelBatchException', 'Callback', 'run_cbs', 'optimizer_step', 'frozen_bn_stats', 'Learner', 'TrainCB',
+           'TrainLearner', 'MomentumLearner', 'DeviceCB', 'SingleBatchCB', 'BatchTransformCB', 'BatchSchedCB',
+           'MetricsCB', 'format_row', 'ProgressCB', 'LRFindResult', 'LRFinderCB', 'lr_find', 'plot_lr_find',
+           'show_results', 'epoch_times']
 
 # %% ../notebooks/01_learner.ipynb #c004
 def _best_device() -> torch.device:
@@ -483,3 +484,20 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: floa
         ax.axvline(suggestion, color='C1', ls='--', label=f'suggestion {suggestion:.2g}'); ax.legend()
     ax.set_title('Learning-rate finder')
     return ax
+
+# %% ../notebooks/01_learner.ipynb #c038
+RESULTS_MIME = 'application/vnd.miniai.results+json'
+
+def show_results(rows: Sequence[Mapping], lesson: str) -> None:
+    "Display `rows` ({'technique', 'accuracy', 'epoch_time'}) as a Markdown table and as JSON for the results page."
+    from IPython.display import display
+    lines = ['| technique | test accuracy | train time per epoch (s) |', '|---|---:|---:|']
+    lines += [f"| {r['technique']} | {r['accuracy']:.4f} | {r['epoch_time']:.2f} |" for r in rows]
+    payload = {'lesson': lesson, 'rows': [{'technique': str(r['technique']), 'accuracy': float(r['accuracy']),
+                                           'epoch_time': float(r['epoch_time'])} for r in rows]}
+    display({'text/markdown': '\n'.join(lines), RESULTS_MIME: payload}, raw=True)
+
+def epoch_times(metrics: MetricsCB) -> float:
+    "Mean wall time of the training epochs recorded in `metrics.history`."
+    times = [r['time'] for r in metrics.history if r['train']]
+    return sum(times)/len(times) if times else float('nan')

@@ -1,0 +1,54 @@
+"""The committed lessons and results page: real full-run outputs, consistent with each other, clean for diffs.
+
+Also checks that tools/run_lessons.py stops on a failing notebook, names the cell, and leaves the file untouched.
+"""
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location('run_lessons', ROOT/'tools'/'run_lessons.py')
+run_lessons = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_lessons)
+NBS = run_lessons.lessons()
+
+
+@pytest.mark.parametrize('path', NBS, ids=lambda p: p.stem)
+def test_committed_notebook_is_a_clean_error_free_full_run(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.get('miniai', {}).get('full_run_seconds'), \
+        f"{path.name} has no full run recorded: run `uv run python tools/run_lessons.py {path.name[:2]}`"
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    assert not [o for c in code for o in c.outputs if o.output_type == 'error'], f"{path.name} has an error output"
+    assert all(c.execution_count is None for c in code), f"{path.name} is not cleaned (execution counts)"
+    assert set(nb.metadata) <= {'kernelspec', 'miniai', 'language_info'}, f"{path.name} metadata: {set(nb.metadata)}"
+    assert any(c.outputs for c in code), f"{path.name} has no outputs"
+
+
+def test_results_page_shows_the_notebooks_numbers():
+    page = (ROOT/'results'/'results.md').read_text()
+    rows = run_lessons.collect()
+    assert rows, "no lesson has a closing results table"
+    table = re.findall(r'^\| (\d\d_\w+) \| (.+?) \| ([\d.]+) \| ([\d.]+) \|$', page, flags=re.M)
+    want = [(r['lesson'], r['technique'], f"{r['accuracy']:.4f}", f"{r['epoch_time']:.2f}") for r in rows]
+    assert table == want
+    assert (ROOT/'results'/'accuracy.png').stat().st_size > 1000
+
+
+def test_every_lesson_has_a_closing_table():
+    lessons = {r['lesson'] for r in run_lessons.collect()}
+    assert lessons == {p.stem for p in NBS if p.stem != '00_datasets'}
+
+
+def test_runner_stops_on_a_failing_cell_and_leaves_the_notebook_alone(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x = 1'),
+                                         nbformat.v4.new_code_cell('raise ValueError("bad input")')])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    path = tmp_path/'99_broken.ipynb'
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match=r'FAILED 99_broken.ipynb, cell 1: ValueError: bad input'):
+        run_lessons.run_one(path, timeout=60)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
