@@ -125,7 +125,7 @@ class ActivationStats(HooksCallback):
         "Per hooked layer: 'means' (N,), 'stds' (N,), 'hists' (N, 40)."
         self._flush()
         return [{'means': h.rows[:, 0], 'stds': h.rows[:, 1], 'hists': h.rows[:, 2:]}
-                for h in self.hooks if hasattr(h, 'rows')]
+                for h in self.hooks if hasattr(h, 'rows')]   # CPU tensors
 
     def _layer_names(self) -> list[str]:
         return [f"{i}: {type(h.module).__name__}" for i, h in enumerate(self.hooks) if hasattr(h, 'rows')]
@@ -134,7 +134,7 @@ class ActivationStats(HooksCallback):
         "Mean and standard deviation of each layer's activations, batch by batch."
         fig, axs = plt.subplots(1, 2, figsize=figsize)
         for s, name in zip(self.stats(), self._layer_names()):
-            axs[0].plot(s['means'], label=name); axs[1].plot(s['stds'], label=name)
+            axs[0].plot(s['means'].numpy(), label=name); axs[1].plot(s['stds'].numpy(), label=name)
         for ax, t in zip(axs, ('mean', 'standard deviation')):
             ax.set_title(f'Activation {t} per layer'); ax.set_xlabel('training batch')
         axs[1].legend(fontsize='small')
@@ -146,7 +146,7 @@ class ActivationStats(HooksCallback):
         stats = self.stats()
         fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
         for ax, s, name in zip(axs[0], stats, self._layer_names()):
-            ax.imshow(s['hists'].T.log1p(), origin='lower', aspect='auto', extent=(0, len(s['hists']), 0, HIST_MAX))
+            ax.imshow(s['hists'].T.log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(s['hists']), 0, HIST_MAX))
             ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
         axs[0][0].set_ylabel('|activation|')
         fig.suptitle('Histogram of activations over training (brighter = more)')
@@ -159,7 +159,7 @@ class ActivationStats(HooksCallback):
         fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
         for ax, s, name in zip(axs[0], stats, self._layer_names()):
             h = s['hists']
-            ax.plot(h[:, 0]/h.sum(1).clamp_min(1)); ax.set_ylim(0, 1)
+            ax.plot((h[:, 0]/h.sum(1).clamp_min(1)).numpy()); ax.set_ylim(0, 1)
             ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
         axs[0][0].set_ylabel('fraction near zero')
         fig.suptitle('"Dead" activations: fraction in the lowest bin')
