@@ -309,17 +309,17 @@ class MetricsCB(Callback):
         self.loss = Mean()
         self.all_metrics = {**metrics, 'loss': self.loss}
         self.history: list[dict] = []
+        self.device = torch.device('cpu')   # where torcheval creates its state
 
     def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
-        self.device = next(learn.model.parameters()).device
 
     def before_epoch(self, learn: Learner) -> None:
         for m in self.all_metrics.values(): m.reset()
         self._t0 = time.perf_counter()
 
     def after_batch(self, learn: Learner) -> None:
-        if self.device != learn.loss.device:   # the model moved (DeviceCB): bring the metrics along once
+        if self.device != learn.loss.device:   # first batch on a GPU: bring the metrics' state along, once
             self.device = learn.loss.device
             for m in self.all_metrics.values(): m.to(self.device)
         y = learn.batch[1]
