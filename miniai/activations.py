@@ -166,7 +166,7 @@ class ActivationStats(HooksCallback):
         fig.tight_layout()
         return axs
 
-# %% ../notebooks/02_activations.ipynb #c021
+# %% ../notebooks/02_activations.ipynb #c023
 def clean_ipython_hist() -> None:
     "Forget IPython's input history and output caches (a no-op outside IPython)."
     ip = _ipython()
