@@ -141,28 +141,32 @@ class ActivationStats(HooksCallback):
         fig.tight_layout()
         return axs
 
+    def _layer_axes(self, figsize, suptitle: str, ylabel: str):
+        "One panel per hooked layer, each titled with the layer's name, for `color_dim` and `dead_chart`."
+        stats, names = self.stats(), self._layer_names()
+        fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
+        for ax, name in zip(axs[0], names): ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
+        axs[0][0].set_ylabel(ylabel)
+        fig.suptitle(suptitle)
+        return fig, axs, stats
+
     def color_dim(self, figsize=(11, 5)):
         "Per layer, the histogram of |activations| over training (x: batch, y: magnitude), on a log colour scale."
-        stats = self.stats()
-        fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
-        for ax, s, name in zip(axs[0], stats, self._layer_names()):
-            ax.imshow(s['hists'].T.log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(s['hists']), 0, HIST_MAX))
-            ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
-        axs[0][0].set_ylabel('|activation|')
-        fig.suptitle('Histogram of activations over training (brighter = more)')
+        fig, axs, stats = self._layer_axes(figsize, 'Histogram of activations over training (brighter = more)',
+                                           '|activation|')
+        for ax, s in zip(axs[0], stats):
+            ax.imshow(s['hists'].T.log1p().numpy(), origin='lower', aspect='auto',
+                      extent=(0, len(s['hists']), 0, HIST_MAX))
         fig.tight_layout()
         return axs
 
     def dead_chart(self, figsize=(11, 5)):
         "Per layer, the fraction of activations with |a| < 0.25 (the lowest histogram bin), batch by batch."
-        stats = self.stats()
-        fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
-        for ax, s, name in zip(axs[0], stats, self._layer_names()):
-            h = s['hists']
+        fig, axs, stats = self._layer_axes(figsize, '"Dead" activations: fraction in the lowest bin',
+                                           'fraction near zero')
+        for ax, s in zip(axs[0], stats):
+            h = s['hists']                                  # (N, 40)
             ax.plot((h[:, 0]/h.sum(1).clamp_min(1)).numpy()); ax.set_ylim(0, 1)
-            ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
-        axs[0][0].set_ylabel('fraction near zero')
-        fig.suptitle('"Dead" activations: fraction in the lowest bin')
         fig.tight_layout()
         return axs
 
