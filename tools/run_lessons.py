@@ -103,15 +103,15 @@ def write_results(rows: list[dict], info: dict, seconds: dict) -> None:
     lines += [f"| {r['lesson']} | {r['technique']} | {r['accuracy']:.4f} | {r['epoch_time']:.2f} |" for r in rows]
     lines += ['', '![Final test accuracy of every technique](accuracy.png)', '']
     (RESULTS/'results.md').write_text('\n'.join(lines))
-    fig, ax = plt.subplots(figsize=(8, 0.28*len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.28*len(rows) + 1.2))
     labels = [f"{r['lesson'].split('_', 1)[-1]}: {r['technique']}" for r in rows]
     ax.barh(range(len(rows)), [r['accuracy'] for r in rows],
             color=[f"C{sorted({r['lesson'] for r in rows}).index(r['lesson'])}" for r in rows])
     ax.set_yticks(range(len(rows)), labels, fontsize=7); ax.invert_yaxis()
     lo = min(r['accuracy'] for r in rows)
     ax.set_xlim(max(0, lo - 0.02), 1.0); ax.set_xlabel('test accuracy'); ax.grid(axis='x', alpha=0.3)
-    ax.set_title('Final test accuracy of every technique, all lessons')
-    fig.tight_layout(); fig.savefig(RESULTS/'accuracy.png', dpi=80); plt.close(fig)
+    ax.set_title('Final test accuracy, every technique of every lesson')
+    fig.savefig(RESULTS/'accuracy.png', dpi=80, bbox_inches='tight'); plt.close(fig)
 
 
 def main() -> None:
