@@ -4,13 +4,15 @@
 2. our Learner with DeviceCB + MetricsCB + ProgressCB + ActivationStats on the same in-memory batches;
 3. the same Learner on the course's per-item `DataLoaders.from_dd` path (PIL -> tensor per item).
 
-Each timed run starts from the same weights. Runs 1 and 2 alternate `--reps` times and the fastest of each is compared
-(noise from other processes only ever adds time), so slow drift of a noisy machine hits both alike. Prints each time and its ratio to the plain loop.
+Each timed run starts from the same weights. Runs 1 and 2 alternate `--reps` times, so slow drift of a noisy machine
+hits both alike. Prints the fastest of each (noise from other processes only ever adds time), its ratio to the plain
+loop, and the median of the per-pair ratios (each Learner run against the plain run just before it).
 
     uv run python bench/bench_learner.py [--reps 3] [--skip-items]
 """
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -78,6 +80,8 @@ def main():
     print(f"plain PyTorch loop (in-memory)            {base:6.2f} s   1.00x   (runs: {', '.join(f'{t:.2f}' for t in plain)})")
     t = min(learner)
     print(f"Learner + 4 callbacks (in-memory)         {t:6.2f} s   {t/base:.2f}x   (runs: {', '.join(f'{t:.2f}' for t in learner)})")
+    pairs = sorted(l / p for p, l in zip(plain, learner))
+    print(f"  per-pair ratios Learner/plain: {', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x")
     if not args.skip_items:
         def to_tensor(b): b['image'] = [TF.to_tensor(o) for o in b['image']]
         items = DataLoaders.from_dd(load_fashion_mnist().with_transform(inplace(to_tensor)), BS)

@@ -125,15 +125,14 @@ def optimizer_step(learn: 'Learner') -> None:
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    "Within the block, BatchNorm layers in train mode normalise with batch statistics but do not update running ones."
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns: m.momentum = 0.0   # running = (1 - 0)*running + 0*batch
+    "Within the block, norm layers in train mode normalise with batch statistics, but their running ones are restored."
+    # Running statistics are buffers, whoever wrote the layer (nn.BatchNorm2d, miniai.norm.BatchNorm, ...), so we
+    # snapshot every buffer by name and copy the values back, rather than relying on one class's `momentum`.
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     try: yield
     finally:
-        for m, (mom, n) in zip(bns, saved):
-            m.momentum = mom
-            m.num_batches_tracked.copy_(n)
+        with torch.no_grad():
+            for name, value in saved.items(): model.get_buffer(name).copy_(value)
 
 # %% ../notebooks/01_learner.ipynb #c013
 class Learner:

@@ -59,6 +59,8 @@ def test_batch_stats_against_direct_computation():
     torch.testing.assert_close(row[0], a.mean())
     torch.testing.assert_close(row[1], a.std(unbiased=False), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(row[2:], torch.histc(a[:16].abs(), 40, 0, 10))
+    b = a.permute(0, 2, 3, 1)                           # not contiguous: the flattening must copy, not misread
+    torch.testing.assert_close(batch_stats(b)[:2], torch.stack([b.mean(), b.std(unbiased=False)]), rtol=1e-4, atol=1e-5)
 
 
 def test_activation_stats_records_every_training_batch_on_the_hooked_layers():

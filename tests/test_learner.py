@@ -318,12 +318,27 @@ def test_closure_protocol_recomputes_without_touching_bn_running_stats():
         torch.testing.assert_close(a, b, msg=k)
 
 
-def test_frozen_bn_stats_restores_momentum_and_counter():
+def test_frozen_bn_stats_restores_running_stats_and_counter():
     bn = nn.BatchNorm1d(4)
     x = torch.randn(8, 4)
     bn(x)
-    rm, n = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    rm, rv, n = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
     with frozen_bn_stats(nn.Sequential(bn)):
         y = bn(x + 5)
-    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.num_batches_tracked, n) and bn.momentum == 0.1
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)
+    assert torch.equal(bn.num_batches_tracked, n) and bn.momentum == 0.1
     torch.testing.assert_close(y.mean(0), bn.bias.expand(4), atol=1e-5, rtol=0)   # still normalised by batch stats
+
+
+def test_frozen_bn_stats_covers_our_from_scratch_batchnorm():
+    from miniai.norm import BatchNorm
+    bn = BatchNorm(3)
+    x = torch.randn(8, 3, 5, 5)
+    bn(x)
+    means, vars_ = bn.means.clone(), bn.vars.clone()
+    with frozen_bn_stats(nn.Sequential(bn)):
+        y = bn(x * 3 + 2)
+    assert torch.equal(bn.means, means) and torch.equal(bn.vars, vars_)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)   # batch statistics used
+    bn(x * 3 + 2)                                                                          # outside: updates again
+    assert not torch.equal(bn.means, means)
