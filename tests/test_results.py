@@ -23,6 +23,13 @@ def test_committed_notebook_is_a_clean_error_free_run(path):
     assert not [o for c in code for o in c.outputs if o.output_type == 'error'], f"{path.name} has an error output"
     assert all(c.execution_count is None for c in code), f"{path.name} is not cleaned (execution counts)"
     assert set(nb.metadata) <= {'kernelspec', 'miniai', 'language_info'}, f"{path.name} metadata: {set(nb.metadata)}"
+    assert 'full_run_seconds' in nb.metadata.get('miniai', {}), f"{path.name} was not written by the full-run command"
+
+
+def test_committed_full_run_fits_the_20_minute_budget():
+    "The recorded wall time of the last full run of every lesson (written by tools/run_lessons.py), not a timing here."
+    seconds = {p.stem: nbformat.read(p, as_version=4).metadata['miniai']['full_run_seconds'] for p in NBS}
+    assert sum(seconds.values()) <= 20*60, f"full run took {sum(seconds.values()):.0f} s: {seconds}"
 
 
 def test_results_page_shows_the_notebooks_numbers():

@@ -98,7 +98,9 @@ def write_results(rows: list[dict], info: dict, seconds: dict) -> None:
              f"torch {info['torch']}, Python {info['python']}, {info['os']}.", '']
     if seconds:
         lines += ['| notebook | full run (s) |', '|---|---:|']
-        lines += [f'| {k} | {v:.0f} |' for k, v in seconds.items()] + ['']
+        lines += [f'| {k} | {v:.0f} |' for k, v in seconds.items()]
+        lines += [f'| **all {len(seconds)} notebooks** | **{sum(seconds.values()):.0f}** '
+                  f'({sum(seconds.values())/60:.1f} min) |', '']
     lines += ['| lesson | technique | test accuracy | train time per epoch (s) |', '|---|---|---:|---:|']
     lines += [f"| {r['lesson']} | {r['technique']} | {r['accuracy']:.4f} | {r['epoch_time']:.2f} |" for r in rows]
     lines += ['', '![Final test accuracy of every technique](accuracy.png)', '']
