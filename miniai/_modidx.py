@@ -80,6 +80,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'miniai.datasets._no_source_error': ('datasets.html#_no_source_error', 'miniai/datasets.py'),
                                  'miniai.datasets._read_bytes': ('datasets.html#_read_bytes', 'miniai/datasets.py'),
                                  'miniai.datasets._save_arrays': ('datasets.html#_save_arrays', 'miniai/datasets.py'),
+                                 'miniai.datasets._smoke_subset': ('datasets.html#_smoke_subset', 'miniai/datasets.py'),
                                  'miniai.datasets.cache_dir': ('datasets.html#cache_dir', 'miniai/datasets.py'),
                                  'miniai.datasets.collate_dict': ('datasets.html#collate_dict', 'miniai/datasets.py'),
                                  'miniai.datasets.collate_dict.__call__': ('datasets.html#collate_dict.__call__', 'miniai/datasets.py'),

@@ -176,9 +176,11 @@ def fashion_mnist_arrays(smoke: bool | None = None) -> dict[str, tuple[np.ndarra
         if not (cached/'COMPLETE').exists():
             _atomic_build(cached, lambda tmp: _save_arrays(_arrays_from_idx(src), tmp))
         arrays = _load_arrays(cached)
-    if smoke_mode() if smoke is None else smoke:
-        arrays = {s: (x[:SMOKE_SIZES[s]], y[:SMOKE_SIZES[s]]) for s, (x, y) in arrays.items()}
-    return arrays
+    return _smoke_subset(arrays) if (smoke_mode() if smoke is None else smoke) else arrays
+
+def _smoke_subset(arrays: dict) -> dict:
+    "The first `SMOKE_SIZES[split]` items of each split (views, no copy)."
+    return {s: (x[:SMOKE_SIZES[s]], y[:SMOKE_SIZES[s]]) for s, (x, y) in arrays.items()}
 
 # %% ../notebooks/00_datasets.ipynb #c018
 def _features():
@@ -307,12 +309,13 @@ class TensorLoader:
 
 def fashion_dls(batch_size: int = 256, normalize: bool = True, device=None, smoke: bool | None = None) -> DataLoaders:
     "Fashion-MNIST as in-memory `TensorLoader`s (train shuffled; test at twice the batch size)."
-    arrays = fashion_mnist_arrays(smoke=smoke)
-    (xt, yt), (xv, yv) = arrays['train'], arrays['test']
-    xt, yt, xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (xt, yt, xv, yv))
+    arrays = fashion_mnist_arrays(smoke=False)   # read once: the statistics come from the full training set
     mean = std = None
     if normalize:
-        full = fashion_mnist_arrays(smoke=False)['train'][0]
+        full = arrays['train'][0]                                    # (60000, 28, 28) uint8
         mean, std = float(full.mean()/255.), float(full.std()/255.)
+    if smoke_mode() if smoke is None else smoke: arrays = _smoke_subset(arrays)
+    (xt, yt), (xv, yv) = arrays['train'], arrays['test']
+    xt, yt, xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (xt, yt, xv, yv))
     return DataLoaders(TensorLoader(xt, yt, batch_size, shuffle=True, mean=mean, std=std, device=device),
                        TensorLoader(xv, yv, batch_size*2, mean=mean, std=std, device=device))
