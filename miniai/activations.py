@@ -84,14 +84,25 @@ class HooksCallback(Callback):
 N_BINS, HIST_MAX = 40, 10.
 
 def batch_stats(acts: torch.Tensor, hist_items: int = 16) -> torch.Tensor:
-    "Mean, std and a 40-bin histogram of |acts| over [0, 10] (on the first `hist_items` items) as one row."
+    "Mean, std (biased) and a 40-bin histogram of |acts| over [0, 10] (first `hist_items` items) as one row."
+    a = acts.detach().float()                                        # (B, ...)
+    hist = a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)           # (40,)
+    return torch.cat([torch.stack([a.mean(), a.std(correction=0)]), hist])   # (42,)
+
+def _batch_sums(acts: torch.Tensor, hist_items: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    "The per-batch part of `batch_stats` in as few operations as possible: Σx, Σx², the count, the histogram."
     a = acts.detach().float()                          # (B, ...)
     flat = a.reshape(-1)                               # (B*...,) a view when `a` is contiguous
-    mean = flat.sum() / flat.numel()
-    # biased std from E[x²] - E[x]²; a dot product gives Σx² without allocating x*x (this runs on every batch)
-    std = (torch.dot(flat, flat) / flat.numel() - mean*mean).clamp_min(0).sqrt()
-    hist = a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)          # (40,)
-    return torch.cat([torch.stack([mean, std]), hist])  # (42,)
+    # a dot product gives Σx² without allocating x*x
+    return flat.sum(), torch.dot(flat, flat), flat.numel(), a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)
+
+def _rows_from_sums(pending: list[tuple]) -> torch.Tensor:
+    "`batch_stats` rows, (N, 42), from N `_batch_sums` results: the mean is Σx/n, the variance Σx²/n - mean²."
+    sums, sqsums, counts, hists = zip(*pending)
+    n = torch.tensor(counts, dtype=torch.float32, device=sums[0].device)   # (N,)
+    mean = torch.stack(sums) / n                                           # (N,)
+    std = (torch.stack(sqsums) / n - mean * mean).clamp_min(0).sqrt()     # (N,)
+    return torch.cat([torch.stack([mean, std], 1), torch.stack(hists)], 1) # (N, 42)
 
 def _compact(rows: torch.Tensor) -> torch.Tensor:
     "Average neighbouring rows in pairs (an odd last row is kept)."
@@ -108,13 +119,13 @@ class ActivationStats(HooksCallback):
 
     def _append(self, hook: Hook, mod: nn.Module, inp, outp) -> None:
         if not hasattr(hook, 'pending'): hook.pending, hook.rows = [], torch.zeros(0, N_BINS + 2)
-        hook.pending.append(batch_stats(outp, self.hist_items))
+        hook.pending.append(_batch_sums(outp, self.hist_items))
 
     def _flush(self) -> None:
-        "Move the epoch's pending rows to the CPU record, compacting it if it grew past `max_rows`."
+        "Turn the epoch's pending sums into rows on the CPU record, compacting it if it grew past `max_rows`."
         for h in self.hooks:
             if getattr(h, 'pending', None):
-                h.rows = torch.cat([h.rows, torch.stack(h.pending).cpu()])   # (N, 42)
+                h.rows = torch.cat([h.rows, _rows_from_sums(h.pending).cpu()])   # (N, 42)
                 h.pending = []
                 while len(h.rows) > self.max_rows: h.rows = _compact(h.rows)
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from nbclient import NotebookClient
 from torch import nn
 
-from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, _compact, batch_stats, clean_mem,
+from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, _batch_sums, _compact, _rows_from_sums,
+                                batch_stats, clean_mem,
                                 clean_tb, is_leaf)
 from miniai.datasets import DataLoaders, TensorLoader
 from miniai.learner import Callback, CancelFitException, TrainLearner
@@ -61,6 +62,19 @@ def test_batch_stats_against_direct_computation():
     torch.testing.assert_close(row[2:], torch.histc(a[:16].abs(), 40, 0, 10))
     b = a.permute(0, 2, 3, 1)                           # not contiguous: the flattening must copy, not misread
     torch.testing.assert_close(batch_stats(b)[:2], torch.stack([b.mean(), b.std(unbiased=False)]), rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_rows_equal_batch_stats():
+    # ActivationStats keeps three reductions per batch and finishes them once per epoch; that must give the rows
+    # `batch_stats` computes the plain way: different batch sizes, a non-contiguous tensor, a GeneralRelu-like shift
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+    with torch.no_grad():
+        acts = [F.relu(conv(torch.rand(bs, 1, 28, 28, generator=g))) for bs in (64, 64, 17)]   # (B, 8, 14, 14)
+        acts += [acts[0].permute(0, 2, 3, 1), F.leaky_relu(torch.randn(30, 16, 7, 7, generator=g), 0.1) - 0.4]
+    fast = _rows_from_sums([_batch_sums(a, 16) for a in acts])           # (5, 42)
+    simple = torch.stack([batch_stats(a, 16) for a in acts])             # (5, 42)
+    torch.testing.assert_close(fast, simple, rtol=1e-5, atol=1e-6)
 
 
 def test_activation_stats_records_every_training_batch_on_the_hooked_layers():
