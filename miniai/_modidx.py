@@ -169,6 +169,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'miniai.learner.Learner.zero_grad': ('learner.html#learner.zero_grad', 'miniai/learner.py'),
                                 'miniai.learner.MetricsCB': ('learner.html#metricscb', 'miniai/learner.py'),
                                 'miniai.learner.MetricsCB.__init__': ('learner.html#metricscb.__init__', 'miniai/learner.py'),
+                                'miniai.learner.MetricsCB._update_loss': ('learner.html#metricscb._update_loss', 'miniai/learner.py'),
                                 'miniai.learner.MetricsCB.after_batch': ('learner.html#metricscb.after_batch', 'miniai/learner.py'),
                                 'miniai.learner.MetricsCB.after_epoch': ('learner.html#metricscb.after_epoch', 'miniai/learner.py'),
                                 'miniai.learner.MetricsCB.before_epoch': ('learner.html#metricscb.before_epoch', 'miniai/learner.py'),

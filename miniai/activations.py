@@ -91,7 +91,8 @@ def batch_stats(acts: torch.Tensor, hist_items: int = 16) -> torch.Tensor:
 
 def _batch_sums(acts: torch.Tensor, hist_items: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     "The per-batch part of `batch_stats` in as few operations as possible: Σx, Σx², the count, the histogram."
-    a = acts.detach().float()                          # (B, ...)
+    a = acts.detach()                                  # (B, ...)
+    if a.dtype != torch.float32: a = a.float()         # sums of half-precision values lose too much
     flat = a.reshape(-1)                               # (B*...,) a view when `a` is contiguous
     # a dot product gives Σx² without allocating x*x
     return flat.sum(), torch.dot(flat, flat), flat.numel(), a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)

@@ -169,7 +169,10 @@ class Learner:
 
     def _check_loss(self) -> None:
         "Refuse a NaN or infinite training loss before it reaches the weights."
-        if self.nan_guard and self.training and not bool(torch.isfinite(self.loss).all()):
+        if not (self.nan_guard and self.training): return
+        # the usual loss is one number: reading it with `item()` costs one operation instead of three
+        finite = math.isfinite(self.loss.item()) if self.loss.numel() == 1 else bool(torch.isfinite(self.loss).all())
+        if not finite:
             raise FloatingPointError(
                 f"loss is {self.loss.item()} at epoch {self.epoch}, batch {self.iter}: training stopped before "
                 f"the optimizer step, so the weights are still finite (lower the learning rate?)")
@@ -315,6 +318,7 @@ class MetricsCB(Callback):
 
     def before_epoch(self, learn: Learner) -> None:
         for m in self.all_metrics.values(): m.reset()
+        self._losses, self._sizes = [], []
         self._t0 = time.perf_counter()
 
     def after_batch(self, learn: Learner) -> None:
@@ -324,9 +328,19 @@ class MetricsCB(Callback):
         y = learn.batch[1]
         preds = learn.preds.detach()           # (B, n_classes), stays on the device
         for m in self.metrics.values(): m.update(preds, y)
-        self.loss.update(learn.loss.detach(), weight=len(y))
+        # the loss is only kept here; `_update_loss` averages the batches together
+        self._losses.append(learn.loss.detach()); self._sizes.append(len(y))
+        if len(self._losses) == 1024: self._update_loss()   # bounded memory on very long epochs
+
+    def _update_loss(self) -> None:
+        "Feed the kept batch losses, weighted by batch size, to the `loss` mean in one update."
+        if not self._losses: return
+        losses = torch.stack([l.float().mean() for l in self._losses])                     # (n_batches,)
+        self.loss.update(losses, weight=torch.tensor(self._sizes, dtype=losses.dtype, device=losses.device))
+        self._losses, self._sizes = [], []
 
     def after_epoch(self, learn: Learner) -> None:
+        self._update_loss()
         row = {'epoch': learn.epoch, 'train': learn.training}
         row.update({k: float(m.compute()) for k, m in self.all_metrics.items()})
         row['time'] = time.perf_counter() - self._t0

@@ -201,6 +201,16 @@ def test_metrics_weighted_by_batch_size():
     assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-5)
 
 
+def test_metrics_loss_mean_over_more_batches_than_it_keeps():
+    # MetricsCB keeps at most 1024 batch losses before folding them into the mean; the result must not change
+    model = nn.Linear(3, 1)
+    metrics = MetricsCB()
+    dls = toy_dls(n_valid=1100, bs=1)   # 1100 batches of one item
+    TrainLearner(model, dls, lr=0.1, cbs=[metrics]).fit(1, train=False)
+    with torch.no_grad(): want = F.mse_loss(model(dls.valid.x), dls.valid.y).item()
+    assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-5)
+
+
 def bn_model():
     return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
 
