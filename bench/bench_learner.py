@@ -75,7 +75,7 @@ class Lockstep:
             yield batch
 
 
-def lockstep_ratio(init, mem):
+def lockstep_times(init, mem):
     "One epoch of the Learner and of the plain loop, interleaved batch by batch: (Learner time, plain time)."
     ls = Lockstep(mem.train, copy.deepcopy(init))
     total = timed(with_learner, copy.deepcopy(init), DataLoaders(ls, mem.valid))
@@ -119,7 +119,7 @@ def main():
     print(f"Learner + 4 callbacks (in-memory)         {t:6.2f} s   {t/base:.2f}x   (runs: {', '.join(f'{t:.2f}' for t in learner)})")
     pairs = sorted(l / p for p, l in zip(plain, learner))
     print(f"  per-pair ratios Learner/plain: {', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x")
-    lock = [lockstep_ratio(init, mem) for _ in range(args.lockstep_reps)]
+    lock = [lockstep_times(init, mem) for _ in range(args.lockstep_reps)]
     ratios = sorted(l / p for l, p in lock)
     print(f"Learner + 4 callbacks in lockstep with the plain loop (batch by batch): Learner/plain per epoch "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")

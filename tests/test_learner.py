@@ -192,20 +192,14 @@ def test_metrics_match_a_hand_computation_on_real_data():
     assert row['loss'] == pytest.approx(loss, rel=1e-5)
 
 
-def test_metrics_weighted_by_batch_size():
+@pytest.mark.parametrize('n_valid, bs', [
+    (6, 4),       # batches of 4 and 2: the mean is weighted by batch size
+    (1100, 1),    # 1100 batches: more than the 1024 losses MetricsCB keeps before folding them into the mean
+])
+def test_metrics_loss_is_the_mean_over_items(n_valid, bs):
     model = nn.Linear(3, 1)
     metrics = MetricsCB()
-    dls = toy_dls(n_valid=6, bs=4)   # valid batches of 4 and 2
-    TrainLearner(model, dls, lr=0.1, cbs=[metrics]).fit(1, train=False)
-    with torch.no_grad(): want = F.mse_loss(model(dls.valid.x), dls.valid.y).item()
-    assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-5)
-
-
-def test_metrics_loss_mean_over_more_batches_than_it_keeps():
-    # MetricsCB keeps at most 1024 batch losses before folding them into the mean; the result must not change
-    model = nn.Linear(3, 1)
-    metrics = MetricsCB()
-    dls = toy_dls(n_valid=1100, bs=1)   # 1100 batches of one item
+    dls = toy_dls(n_valid=n_valid, bs=bs)
     TrainLearner(model, dls, lr=0.1, cbs=[metrics]).fit(1, train=False)
     with torch.no_grad(): want = F.mse_loss(model(dls.valid.x), dls.valid.y).item()
     assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-5)
