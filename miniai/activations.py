@@ -16,7 +16,7 @@ from torch import nn
 from .learner import Callback, Learner
 
 # %% auto #0
-__all__ = ['N_BINS', 'HIST_MAX', 'Hook', 'Hooks', 'is_leaf', 'HooksCallback', 'batch_stats', 'ActivationStats',
+__all__ = ['N_BINS', 'HIST_MAX', 'Hook', 'Hooks', 'is_leaf', 'HooksCallback', 'hist_items', 'batch_stats', 'ActivationStats',
            'clean_ipython_hist', 'clean_tb', 'clean_mem']
 
 # %% ../notebooks/02_activations.ipynb #c004
@@ -83,27 +83,35 @@ class HooksCallback(Callback):
 # %% ../notebooks/02_activations.ipynb #c010
 N_BINS, HIST_MAX = 40, 10.
 
-def batch_stats(acts: torch.Tensor, hist_items: int = 16) -> torch.Tensor:
-    "Mean, std (biased) and a 40-bin histogram of |acts| over [0, 10] (first `hist_items` items) as one row."
+def hist_items(acts: torch.Tensor, hist_values: int = 4096) -> int:
+    "How many leading items of `acts` the histogram takes: as few as give at least `hist_values` values."
+    per_item = max(1, acts.numel() // max(1, len(acts)))             # values per item, e.g. C*H*W
+    return -(-hist_values // per_item)                                # ceil(hist_values / per_item)
+
+def batch_stats(acts: torch.Tensor, hist_values: int = 4096) -> torch.Tensor:
+    "Mean, std (biased) and a 40-bin histogram of |acts| over [0, 10] (leading items, see `hist_items`) as one row."
     a = acts.detach().float()                                        # (B, ...)
-    hist = a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)           # (40,)
+    hist = a[:hist_items(a, hist_values)].abs().histc(N_BINS, 0, HIST_MAX)   # (40,)
     return torch.cat([torch.stack([a.mean(), a.std(correction=0)]), hist])   # (42,)
 
-def _batch_sums(acts: torch.Tensor, hist_items: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    "The per-batch part of `batch_stats` in as few operations as possible: Σx, Σx², the count, the histogram."
+def _batch_sums(acts: torch.Tensor, hist_values: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    "The per-batch part of `batch_stats` in as few operations as possible: Σx, Σx², the count, |sample|."
     a = acts.detach()                                  # (B, ...)
     if a.dtype != torch.float32: a = a.float()         # sums of half-precision values lose too much
     flat = a.reshape(-1)                               # (B*...,) a view when `a` is contiguous
-    # a dot product gives Σx² without allocating x*x
-    return flat.sum(), torch.dot(flat, flat), flat.numel(), a[:hist_items].abs().histc(N_BINS, 0, HIST_MAX)
+    # a dot product gives Σx² without allocating x*x; abs() of the sample is a copy, so it can wait for the
+    # end of the epoch to be binned without keeping the whole activation tensor alive
+    sample = a[:hist_items(a, hist_values)].abs()      # (k, ...)
+    return flat.sum(), torch.dot(flat, flat), flat.numel(), sample
 
 def _rows_from_sums(pending: list[tuple]) -> torch.Tensor:
     "`batch_stats` rows, (N, 42), from N `_batch_sums` results: the mean is Σx/n, the variance Σx²/n - mean²."
-    sums, sqsums, counts, hists = zip(*pending)
+    sums, sqsums, counts, samples = zip(*pending)
     n = torch.tensor(counts, dtype=torch.float32, device=sums[0].device)   # (N,)
     mean = torch.stack(sums) / n                                           # (N,)
     std = (torch.stack(sqsums) / n - mean * mean).clamp_min(0).sqrt()     # (N,)
-    return torch.cat([torch.stack([mean, std], 1), torch.stack(hists)], 1) # (N, 42)
+    hists = torch.stack([s.histc(N_BINS, 0, HIST_MAX) for s in samples])  # (N, 40)
+    return torch.cat([torch.stack([mean, std], 1), hists], 1)             # (N, 42)
 
 def _compact(rows: torch.Tensor) -> torch.Tensor:
     "Average neighbouring rows in pairs (an odd last row is kept)."
@@ -112,24 +120,28 @@ def _compact(rows: torch.Tensor) -> torch.Tensor:
 
 class ActivationStats(HooksCallback):
     "Record mean, std and a histogram of each hooked layer's output per training batch."
+    max_pending = 256   # batches a layer keeps before turning them into rows, even within an epoch
     def __init__(self, mod_filter: Callable[[nn.Module], bool] = lambda m: True, on_train: bool = True,
                  on_valid: bool = False, mods: Iterable[nn.Module] | None = None,
-                 hist_items: int = 16, max_rows: int = 4096):
+                 hist_values: int = 4096, max_rows: int = 4096):
         super().__init__(self._append, mod_filter, on_train, on_valid, mods)
-        self.hist_items, self.max_rows = hist_items, max_rows
+        self.hist_values, self.max_rows = hist_values, max_rows
 
     def _append(self, hook: Hook, mod: nn.Module, inp, outp) -> None:
         if not hasattr(hook, 'pending'): hook.pending, hook.rows = [], torch.zeros(0, N_BINS + 2)
-        hook.pending.append(_batch_sums(outp, self.hist_items))
+        hook.pending.append(_batch_sums(outp, self.hist_values))
+        if len(hook.pending) == self.max_pending: self._flush_hook(hook)
+
+    def _flush_hook(self, h: Hook) -> None:
+        "Turn `h`'s pending sums into rows on its CPU record, compacting the record if it grew past `max_rows`."
+        h.rows = torch.cat([h.rows, _rows_from_sums(h.pending).cpu()])   # (N, 42)
+        h.pending = []
+        while len(h.rows) > self.max_rows: h.rows = _compact(h.rows)
 
     def _flush(self) -> None:
-        "Turn the epoch's pending sums into rows on the CPU record, compacting it if it grew past `max_rows`."
+        "Flush every hook with pending sums: at the end of each epoch and whenever the statistics are read."
         for h in self.hooks:
-            if getattr(h, 'pending', None):
-                h.rows = torch.cat([h.rows, _rows_from_sums(h.pending).cpu()])   # (N, 42)
-                h.pending = []
-                while len(h.rows) > self.max_rows: h.rows = _compact(h.rows)
-
+            if getattr(h, 'pending', None): self._flush_hook(h)
     def after_epoch(self, learn: Learner) -> None: self._flush()
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()

@@ -304,6 +304,7 @@ class BatchSchedCB(Callback):
 class MetricsCB(Callback):
     "Track torcheval `metrics` and the mean loss on the device; log one row per epoch and phase in `history`."
     in_lr_find = False
+    max_kept_batches, max_kept_bytes = 1024, 32 * 2**20   # when kept batches go into the metrics, at the latest
     def __init__(self, *ms: Any, **metrics: Any):
         from torcheval.metrics import Mean
         for m in ms: metrics[type(m).__name__] = m
@@ -312,35 +313,50 @@ class MetricsCB(Callback):
         self.all_metrics = {**metrics, 'loss': self.loss}
         self.history: list[dict] = []
         self.device = torch.device('cpu')   # where torcheval creates its state
+        self._kept, self._kept_bytes = [], 0
 
     def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
 
     def before_epoch(self, learn: Learner) -> None:
         for m in self.all_metrics.values(): m.reset()
-        self._losses, self._sizes = [], []
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (preds, targets, loss) per batch
+        self._kept_bytes = 0
         self._t0 = time.perf_counter()
 
     def after_batch(self, learn: Learner) -> None:
         if self.device != learn.loss.device:   # first batch on a GPU: bring the metrics' state along, once
             self.device = learn.loss.device
             for m in self.all_metrics.values(): m.to(self.device)
-        y = learn.batch[1]
-        preds = learn.preds.detach()           # (B, n_classes), stays on the device
-        for m in self.metrics.values(): m.update(preds, y)
-        # the loss is only kept here; `_update_loss` averages the batches together
-        self._losses.append(learn.loss.detach()); self._sizes.append(len(y))
-        if len(self._losses) == 1024: self._update_loss()   # bounded memory on very long epochs
+        preds, y = learn.preds.detach(), learn.batch[1]   # (B, n_classes), (B,): they stay on the device
+        last = self._kept[-1] if self._kept else None
+        if last is not None and (preds.shape[1:], y.shape[1:]) != (last[0].shape[1:], last[1].shape[1:]):
+            self.flush()   # kept batches are concatenated, so only batches of the same shape are kept together
+        self._kept.append((preds, y, learn.loss.detach()))
+        self._kept_bytes += preds.nbytes + y.nbytes
+        # the first batch of each epoch goes in at once, so predictions a metric rejects fail at batch 0, not at
+        # the end of the epoch; after that, at most `max_kept_batches` batches or `max_kept_bytes` wait
+        if (learn.iter == 0 or len(self._kept) >= self.max_kept_batches
+                or self._kept_bytes >= self.max_kept_bytes): self.flush()
 
-    def _update_loss(self) -> None:
-        "Feed the kept batch losses, weighted by batch size, to the `loss` mean in one update."
-        if not self._losses: return
-        losses = torch.stack([l.float().mean() for l in self._losses])                     # (n_batches,)
-        self.loss.update(losses, weight=torch.tensor(self._sizes, dtype=losses.dtype, device=losses.device))
-        self._losses, self._sizes = [], []
+    def flush(self) -> None:
+        "Update the metrics and the mean loss with the batches kept so far: one `update` call each for all of them."
+        if not self._kept: return
+        preds, ys, losses = zip(*self._kept)
+        self._kept, self._kept_bytes = [], 0
+        n, sizes = len(preds), [len(y) for y in ys]
+        preds, ys = (preds[0], ys[0]) if n == 1 else (torch.cat(preds), torch.cat(ys))   # (N, n_classes), (N,)
+        for name, m in self.metrics.items():
+            try: m.update(preds, ys)
+            except Exception as e:
+                e.add_note(f"MetricsCB: metric '{name}' rejected predictions of shape {tuple(preds.shape)} and "
+                           f"targets of shape {tuple(ys.shape)} (the last {n} batches together)")
+                raise
+        losses = torch.stack([l.float().mean() for l in losses])                              # (n,)
+        self.loss.update(losses, weight=torch.tensor(sizes, dtype=losses.dtype, device=losses.device))
 
     def after_epoch(self, learn: Learner) -> None:
-        self._update_loss()
+        self.flush()
         row = {'epoch': learn.epoch, 'train': learn.training}
         row.update({k: float(m.compute()) for k, m in self.all_metrics.items()})
         row['time'] = time.perf_counter() - self._t0

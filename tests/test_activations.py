@@ -14,8 +14,7 @@ from nbclient import NotebookClient
 from torch import nn
 
 from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, _batch_sums, _compact, _rows_from_sums,
-                                batch_stats, clean_mem,
-                                clean_tb, is_leaf)
+                                batch_stats, clean_mem, clean_tb, hist_items, is_leaf)
 from miniai.datasets import DataLoaders, TensorLoader
 from miniai.learner import Callback, CancelFitException, TrainLearner
 
@@ -53,28 +52,40 @@ def test_leaf_modules_only_by_default():
     assert n_hooks(m) == 0
 
 
+def test_hist_items_takes_the_fewest_items_with_enough_values():
+    assert hist_items(torch.zeros(256, 8, 14, 14)) == 3      # 1568 values per image: 3 images give 4704 >= 4096
+    assert hist_items(torch.zeros(256, 64, 2, 2)) == 16      # 256 per image: exactly 16
+    assert hist_items(torch.zeros(256, 64, 2, 2), 4097) == 17
+    assert hist_items(torch.zeros(4, 10)) == 410             # more than the batch: slicing then takes all 4
+    assert hist_items(torch.zeros(0, 3)) == 4096             # an empty batch does not divide by zero
+
+
 def test_batch_stats_against_direct_computation():
     a = torch.randn(32, 3, 5, 5)*2 + 0.5
-    row = batch_stats(a, hist_items=16)
+    row = batch_stats(a, hist_values=1200)                 # 75 values per item: the first 16 items
     assert row.shape == (42,)
     torch.testing.assert_close(row[0], a.mean())
     torch.testing.assert_close(row[1], a.std(unbiased=False), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(row[2:], torch.histc(a[:16].abs(), 40, 0, 10))
+    torch.testing.assert_close(batch_stats(a)[2:], torch.histc(a.abs(), 40, 0, 10))   # 4096 values: all 32 items
     b = a.permute(0, 2, 3, 1)                           # not contiguous: the flattening must copy, not misread
     torch.testing.assert_close(batch_stats(b)[:2], torch.stack([b.mean(), b.std(unbiased=False)]), rtol=1e-4, atol=1e-5)
 
 
 def test_fast_path_rows_equal_batch_stats():
-    # ActivationStats keeps three reductions per batch and finishes them once per epoch; that must give the rows
-    # `batch_stats` computes the plain way: different batch sizes, a non-contiguous tensor, a GeneralRelu-like shift
+    # ActivationStats keeps two sums and a sample per batch and finishes them once per epoch; that must give the rows
+    # `batch_stats` computes the plain way: different batch sizes, a non-contiguous tensor, a GeneralRelu-like shift,
+    # values on the histogram's bin edges, at its top (10 is in the last bin) and beyond it
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
     with torch.no_grad():
         acts = [F.relu(conv(torch.rand(bs, 1, 28, 28, generator=g))) for bs in (64, 64, 17)]   # (B, 8, 14, 14)
         acts += [acts[0].permute(0, 2, 3, 1), F.leaky_relu(torch.randn(30, 16, 7, 7, generator=g), 0.1) - 0.4]
-    fast = _rows_from_sums([_batch_sums(a, 16) for a in acts])           # (5, 42)
-    simple = torch.stack([batch_stats(a, 16) for a in acts])             # (5, 42)
-    torch.testing.assert_close(fast, simple, rtol=1e-5, atol=1e-6)
+        acts += [torch.arange(-48, 48).float().view(6, 16) * 0.25]                      # -12 ... 11.75 in steps of 0.25
+    for hist_values in (4096, 1000, 1):
+        fast = _rows_from_sums([_batch_sums(a, hist_values) for a in acts])           # (6, 42)
+        simple = torch.stack([batch_stats(a, hist_values) for a in acts])             # (6, 42)
+        torch.testing.assert_close(fast, simple, rtol=1e-5, atol=1e-6)
 
 
 def test_activation_stats_records_every_training_batch_on_the_hooked_layers():
@@ -90,12 +101,18 @@ def test_activation_stats_records_every_training_batch_on_the_hooked_layers():
     assert len(s) == 1 and len(s[0]['means']) == 10                # 5 batches x 2 epochs, validation not recorded
     torch.testing.assert_close(s[0]['means'], torch.stack([o.mean() for o in outs]))
     torch.testing.assert_close(s[0]['stds'], torch.stack([o.std(unbiased=False) for o in outs]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(s[0]['hists'][3], torch.histc(outs[3][:16].abs(), 40, 0, 10))
+    torch.testing.assert_close(s[0]['hists'][3], torch.histc(outs[3].abs(), 40, 0, 10))   # 8 values an item: all
 
 
 def test_activation_stats_memory_is_bounded():
     astats = ActivationStats(lambda mod: isinstance(mod, nn.ReLU), max_rows=8)
-    TrainLearner(model(), dls(n=200, bs=8), lr=0.01, cbs=[astats]).fit(3)   # 75 batches
+    astats.max_pending = 4
+    class Pending(Callback):   # how many batches the hook keeps before turning them into rows
+        order = 10
+        def after_batch(self, learn): self.most = max(getattr(self, 'most', 0), len(astats.hooks[0].pending))
+    pending = Pending()
+    TrainLearner(model(), dls(n=200, bs=8), lr=0.01, cbs=[astats, pending]).fit(3)   # 75 batches, 25 per epoch
+    assert pending.most == 3
     assert len(astats.stats()[0]['means']) <= 8
     rows = torch.arange(10.).repeat(3, 1).T   # (10, 3)
     torch.testing.assert_close(_compact(rows)[:, 0], torch.tensor([0.5, 2.5, 4.5, 6.5, 8.5]))

@@ -205,6 +205,70 @@ def test_metrics_loss_is_the_mean_over_items(n_valid, bs):
     assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-5)
 
 
+def class_dls(n_train=40, n_valid=22, bs=4, n_classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n_train + n_valid, 3, generator=g), torch.randint(0, n_classes, (n_train + n_valid,), generator=g)
+    return DataLoaders(TensorLoader(x[:n_train], y[:n_train], bs), TensorLoader(x[n_train:], y[n_train:], bs))
+
+
+@pytest.mark.parametrize('max_kept_batches', [1024, 2])
+def test_metrics_updated_together_equal_one_update_per_batch(max_kept_batches):
+    # MetricsCB keeps the batches and updates each metric once for all of them; per-batch updates are the reference
+    from torcheval.metrics import MulticlassAUROC, MulticlassF1Score
+    class Grab(Callback):
+        def before_epoch(self, learn): self.batches = []
+        def after_batch(self, learn): self.batches.append((learn.preds.detach().clone(), learn.batch[1]))
+    metrics = MetricsCB(accuracy=MulticlassAccuracy(), f1=MulticlassF1Score(num_classes=5, average='macro'),
+                        auroc=MulticlassAUROC(num_classes=5))
+    metrics.max_kept_batches = max_kept_batches
+    grab = Grab()
+    TrainLearner(nn.Linear(3, 5), class_dls(), F.cross_entropy, lr=0.1, cbs=[metrics, grab]).fit(1, train=False)
+    ref = {'accuracy': MulticlassAccuracy(), 'f1': MulticlassF1Score(num_classes=5, average='macro'),
+           'auroc': MulticlassAUROC(num_classes=5)}
+    for preds, y in grab.batches:                       # 6 batches: five of 4 items, one of 2
+        for m in ref.values(): m.update(preds, y)
+    assert [len(y) for _, y in grab.batches] == [4]*5 + [2]
+    for k, m in ref.items(): assert metrics.history[-1][k] == pytest.approx(m.compute().item(), abs=1e-6)
+
+
+def test_metrics_flush_when_the_prediction_shape_changes_or_the_bytes_run_out():
+    class Shapes:   # the torcheval metric interface, recording what each update received
+        def __init__(self): self.seen = []
+        def reset(self): self.seen = []; return self
+        def to(self, device): return self
+        def update(self, preds, y): self.seen.append(tuple(preds.shape))
+        def compute(self): return torch.tensor(float(len(self.seen)))
+    class Widen(nn.Module):   # predictions of 2 columns for the first 3 batches, then 3
+        def __init__(self): super().__init__(); self.lin, self.n = nn.Linear(3, 3), 0
+        def forward(self, x):
+            self.n += 1
+            return self.lin(x)[:, :2] if self.n <= 3 else self.lin(x)
+    shapes = Shapes()
+    metrics = MetricsCB(shapes=shapes)
+    dls = class_dls(n_valid=24, n_classes=2)
+    TrainLearner(Widen(), dls, lambda p, y: p.sum(), lr=0.1, cbs=[metrics]).fit(1, train=False)
+    # batch 0 alone (the first batch of an epoch goes in at once), batches 1-2, then the three wider ones together
+    assert shapes.seen == [(4, 2), (8, 2), (12, 3)]
+    metrics.max_kept_bytes = 1   # every batch is over the limit: one update per batch
+    TrainLearner(nn.Linear(3, 2), dls, lambda p, y: p.sum(), lr=0.1, cbs=[metrics]).fit(1, train=False)
+    assert shapes.seen == [(4, 2)] * 6
+
+
+def test_metrics_reject_bad_predictions_at_the_first_batch():
+    class Count(Callback):
+        def __init__(self): self.n = 0
+        def after_batch(self, learn): self.n += 1
+    count = Count()
+    model = nn.Sequential(nn.Linear(3, 10), nn.Unflatten(1, (2, 5)))   # (B, 2, 5): not the (B, C) accuracy wants
+    learn = TrainLearner(model, class_dls(), lambda p, y: p.sum(), lr=0.1,
+                         cbs=[MetricsCB(accuracy=MulticlassAccuracy()), count])
+    with pytest.raises(ValueError) as e: learn.fit(1)
+    notes = ' '.join(e.value.__notes__)
+    assert "metric 'accuracy'" in notes and "shape (4, 2, 5)" in notes
+    assert "MetricsCB.after_batch (epoch 0, batch 0)" in notes
+    assert count.n == 0   # the fit stopped at the first batch, not at the end of the epoch
+
+
 def bn_model():
     return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
 
