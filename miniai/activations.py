@@ -142,6 +142,7 @@ class ActivationStats(HooksCallback):
         "Flush every hook with pending sums: at the end of each epoch and whenever the statistics are read."
         for h in self.hooks:
             if getattr(h, 'pending', None): self._flush_hook(h)
+
     def after_epoch(self, learn: Learner) -> None: self._flush()
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()
