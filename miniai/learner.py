@@ -313,15 +313,15 @@ class MetricsCB(Callback):
         self.all_metrics = {**metrics, 'loss': self.loss}
         self.history: list[dict] = []
         self.device = torch.device('cpu')   # where torcheval creates its state
-        self._kept, self._kept_bytes = [], 0
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (preds, targets, loss) per batch
+        self._kept_bytes = 0
 
     def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
 
     def before_epoch(self, learn: Learner) -> None:
         for m in self.all_metrics.values(): m.reset()
-        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (preds, targets, loss) per batch
-        self._kept_bytes = 0
+        self._kept, self._kept_bytes = [], 0
         self._t0 = time.perf_counter()
 
     def after_batch(self, learn: Learner) -> None:
