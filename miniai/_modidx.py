@@ -248,6 +248,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'miniai.nfnet.StochasticDepth.forward': ('nfnets.html#stochasticdepth.forward', 'miniai/nfnet.py'),
                               'miniai.nfnet.WSConv2d': ('nfnets.html#wsconv2d', 'miniai/nfnet.py'),
                               'miniai.nfnet.WSConv2d.__init__': ('nfnets.html#wsconv2d.__init__', 'miniai/nfnet.py'),
+                              'miniai.nfnet.WSConv2d.extra_repr': ('nfnets.html#wsconv2d.extra_repr', 'miniai/nfnet.py'),
                               'miniai.nfnet.WSConv2d.forward': ('nfnets.html#wsconv2d.forward', 'miniai/nfnet.py'),
                               'miniai.nfnet.WSConv2d.standardize_weight': ('nfnets.html#wsconv2d.standardize_weight', 'miniai/nfnet.py'),
                               'miniai.nfnet._identity': ('nfnets.html#_identity', 'miniai/nfnet.py'),

@@ -23,12 +23,14 @@ class WSConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = 'zeros'):
+                 padding_mode: str = 'zeros', eps: float = 1e-4):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        self.eps = eps   # the floor under fan_in*var, used whenever `forward` is not given one
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1, dtype=self.weight.dtype, device=self.weight.device))
 
-    def standardize_weight(self, eps: float) -> Tensor:
+    def standardize_weight(self, eps: float | None = None) -> Tensor:
         "The weight with each output channel's filter at mean 0 and squared norm gain**2 (`eps` floors fan_in*var)."
+        if eps is None: eps = self.eps
         w = self.weight                                           # (C_out, C_in/groups, kh, kw)
         fan_in = w[0].numel()                                     # (C_in/groups)*kh*kw
         mean = w.mean(dim=(1, 2, 3), keepdim=True)                # (C_out, 1, 1, 1)
@@ -36,24 +38,28 @@ class WSConv2d(nn.Conv2d):
         scale = torch.rsqrt(torch.clamp(var * fan_in, min=eps)) * self.gain   # (C_out, 1, 1, 1)
         return (w - mean) * scale                                 # (C_out, C_in/groups, kh, kw)
 
-    def forward(self, input: Tensor, eps: float = 1e-4) -> Tensor:
-        "Convolve `input` with the standardized weight."
+    def forward(self, input: Tensor, eps: float | None = None) -> Tensor:
+        "Convolve `input` with the standardized weight; `eps=None` uses the constructor's `eps`."
         return self._conv_forward(input, self.standardize_weight(eps), self.bias)
 
+    def extra_repr(self) -> str:
+        "`nn.Conv2d`'s description, plus `eps` when it is not the default."
+        return super().extra_repr() + ('' if self.eps == 1e-4 else f', eps={self.eps}')
+
 # %% ../notebooks/05_nfnets.ipynb #c013
-def replace_conv(module: nn.Module) -> nn.Module:
-    "Recursively replace every `nn.Conv2d` in `module` by a `WSConv2d` with the same hyper-parameters and weights, in place."
+def replace_conv(module: nn.Module, eps: float = 1e-4) -> nn.Module:
+    "Swap, in place, every `nn.Conv2d` in `module` for a `WSConv2d` (floor `eps`) with the same settings and weights."
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d) and not isinstance(child, WSConv2d):
             new = WSConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                           child.dilation, child.groups, child.bias is not None, child.padding_mode)
+                           child.dilation, child.groups, child.bias is not None, child.padding_mode, eps=eps)
             new = new.to(device=child.weight.device, dtype=child.weight.dtype)
             with torch.no_grad():
                 new.weight.copy_(child.weight)
                 if child.bias is not None: new.bias.copy_(child.bias)
             new.train(child.training)
             setattr(module, name, new)
-        else: replace_conv(child)
+        else: replace_conv(child, eps)
     return module
 
 # %% ../notebooks/05_nfnets.ipynb #c019
@@ -214,8 +220,8 @@ class AGC(Callback):
         return torch.stack(self._fractions).cpu()
 
 # %% ../notebooks/05_nfnets.ipynb #c043
-class SGD_AGC(torch.optim.Optimizer):
-    "SGD (momentum, dampening, weight decay, Nesterov as in `torch.optim.SGD`) with adaptive gradient clipping in its step."
+class SGD_AGC(torch.optim.SGD):
+    "`torch.optim.SGD` (momentum, dampening, weight decay, Nesterov) whose step first clips the gradients with AGC."
     def __init__(self, params: Iterable, lr: float, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, clipping: float | None = 0.01, eps: float = 1e-3):
         if lr < 0: raise ValueError(f"SGD_AGC: invalid learning rate {lr}")
@@ -223,25 +229,21 @@ class SGD_AGC(torch.optim.Optimizer):
         if weight_decay < 0: raise ValueError(f"SGD_AGC: invalid weight_decay {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD_AGC: Nesterov momentum needs momentum > 0 and zero dampening")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, clipping=clipping, eps=eps))
+        # foreach=False: PyTorch's one-tensor-at-a-time update (its default on a CPU), the same arithmetic on any device
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, foreach=False)
+        self.defaults.update(clipping=clipping, eps=eps)   # for groups added later with `add_param_group`
+        for group in self.param_groups:
+            group.setdefault('clipping', clipping)
+            group.setdefault('eps', eps)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        "Clip each group's gradients (unless its `clipping` is None), then take one SGD step."
+        "Clip each group's gradients (unless its `clipping` is None), then take `torch.optim.SGD`'s step."
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for group in self.param_groups:
-            mom, damp, wd = group['momentum'], group['dampening'], group['weight_decay']
             if group['clipping'] is not None: adaptive_clip_grad(group['params'], group['clipping'], group['eps'])
-            for p in group['params']:
-                if p.grad is None: continue
-                d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                if mom != 0:
-                    state = self.state[p]
-                    if 'momentum_buffer' not in state: buf = state['momentum_buffer'] = d_p.clone()
-                    else: buf = state['momentum_buffer'].mul_(mom).add_(d_p, alpha=1 - damp)
-                    d_p = d_p.add(buf, alpha=mom) if group['nesterov'] else buf
-                p.add_(d_p, alpha=-group['lr'])
+        super().step()
         return loss

@@ -77,6 +77,37 @@ def test_wsconv_eps_floors_a_constant_channel_and_padding_modes_work():
                                                         ref_standardize(conv.weight, conv.gain, 1.)))
 
 
+def test_wsconv_eps_from_the_constructor_and_per_call():
+    torch.manual_seed(14)
+    conv = WSConv2d(3, 4, 3, padding=1, eps=0.5).double()
+    assert conv.eps == 0.5 and 'eps=0.5' in repr(conv) and 'eps' not in repr(WSConv2d(3, 4, 3))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = F.conv2d(x, ref_standardize(conv.weight, conv.gain, 0.5), conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), want)                                  # eps=None: the constructor's
+    torch.testing.assert_close(conv.standardize_weight(), ref_standardize(conv.weight, conv.gain, 0.5))
+    torch.testing.assert_close(conv(x, eps=1e-4), F.conv2d(x, ref_standardize(conv.weight, conv.gain, 1e-4), conv.bias,
+                                                           padding=1))           # the seed's per-call argument
+    assert not torch.allclose(conv(x), conv(x, eps=1e-4))                    # the floor matters at 0.5 (fan-in 27)
+    default = WSConv2d(3, 4, 3, padding=1).double()
+    assert default.eps == 1e-4 and torch.equal(default(x), default(x, eps=1e-4))
+
+
+def test_replace_conv_passes_eps_through():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 1))).double()
+    ref = copy.deepcopy(model)
+    replace_conv(model, eps=0.3)
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    assert [m.eps for m in convs] == [0.3, 0.3]
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.Conv2d): m.weight.copy_(ref_standardize(m.weight, torch.ones(m.out_channels, 1, 1, 1,
+                                                                       dtype=torch.float64), 0.3))
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x))
+    assert [m.eps for m in replace_conv(nn.Sequential(nn.Conv2d(1, 1, 1))).modules() if isinstance(m, WSConv2d)] == [1e-4]
+
+
 def test_replace_conv_keeps_hyperparameters_weights_and_outputs_up_to_standardization():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
@@ -195,6 +226,79 @@ def test_sgd_agc_without_clipping_is_torch_sgd():
         o1.step(); o2.step()
     for p, q in zip(a, b): torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match='Nesterov'): SGD_AGC(a, lr=0.1, nesterov=True)
+
+
+class HandSGD_AGC(torch.optim.Optimizer):
+    "`SGD_AGC` as it was before it became a subclass of `torch.optim.SGD`: its own loop, kept to prove the two equal."
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, clipping=0.01, eps=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, clipping=clipping, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            mom, damp, wd = group['momentum'], group['dampening'], group['weight_decay']
+            if group['clipping'] is not None: adaptive_clip_grad(group['params'], group['clipping'], group['eps'])
+            for p in group['params']:
+                if p.grad is None: continue
+                d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                if mom != 0:
+                    state = self.state[p]
+                    if 'momentum_buffer' not in state: buf = state['momentum_buffer'] = d_p.clone()
+                    else: buf = state['momentum_buffer'].mul_(mom).add_(d_p, alpha=1 - damp)
+                    d_p = d_p.add(buf, alpha=mom) if group['nesterov'] else buf
+                p.add_(d_p, alpha=-group['lr'])
+
+
+class ClipThenSGD:
+    "`adaptive_clip_grad` on the clipped groups, then `torch.optim.SGD`'s step: what `SGD_AGC` should be."
+    def __init__(self, groups, clipping, eps, **kw):
+        self.clip = [(g['params'], g.get('clipping', clipping)) for g in groups]
+        self.eps, self.opt = eps, torch.optim.SGD(groups, **kw)
+    def step(self):
+        for params, clipping in self.clip:
+            if clipping is not None: adaptive_clip_grad(params, clipping, self.eps)
+        self.opt.step()
+
+
+def _trajectory(make_opt, n_steps=30, seed=16):
+    "Parameters after `n_steps` steps on fixed random gradients of widely different sizes; one parameter has none."
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (8,), (10, 8), (10,), (5,)]
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    with torch.no_grad(): params[3].zero_()                                  # a zero bias: eps sets its threshold
+    opt = make_opt([{'params': params[:2]}, {'params': params[2:], 'clipping': None}])
+    for i in range(n_steps):
+        for p in params[:4]: p.grad = torch.randn(p.shape, generator=gen) * 10**(i % 4 - 2)
+        opt.step()
+    assert params[4].grad is None
+    return params
+
+
+@pytest.mark.parametrize('kw', [dict(momentum=0.), dict(momentum=0.9), dict(momentum=0.9, dampening=0.2),
+                                dict(momentum=0.9, weight_decay=5e-4, nesterov=True), dict(weight_decay=1e-2)])
+def test_sgd_agc_is_bit_for_bit_its_former_self_and_clipping_then_torch_sgd(kw):
+    ours = _trajectory(lambda g: SGD_AGC(g, lr=0.1, clipping=0.02, eps=1e-3, **kw))
+    before = _trajectory(lambda g: HandSGD_AGC(g, lr=0.1, clipping=0.02, eps=1e-3, **kw))
+    torch_sgd = _trajectory(lambda g: ClipThenSGD(g, 0.02, 1e-3, lr=0.1, **kw))
+    for a, b, c in zip(ours, before, torch_sgd):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    plain = _trajectory(lambda g: torch.optim.SGD(g, lr=0.1, **kw))
+    assert not torch.equal(ours[0], plain[0])                                 # the clipping did something
+
+
+def test_sgd_agc_is_a_torch_sgd_with_clipping_in_every_group():
+    w, b = torch.randn(3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = SGD_AGC([w], lr=0.1, momentum=0.9, clipping=0.05, eps=1e-2)
+    assert isinstance(opt, torch.optim.SGD)
+    opt.add_param_group({'params': [b], 'lr': 0.2})
+    assert [(g['clipping'], g['eps'], g['lr']) for g in opt.param_groups] == [(0.05, 1e-2, 0.1), (0.05, 1e-2, 0.2)]
+    for p in (w, b): p.grad = torch.ones_like(p)
+    opt.step()
+    opt2 = SGD_AGC([w], lr=0.1, momentum=0.9, clipping=0.05, eps=1e-2); opt2.add_param_group({'params': [b], 'lr': 0.2})
+    opt2.load_state_dict(opt.state_dict())                                    # momentum buffers and the groups' settings
+    assert torch.equal(opt2.state[w]['momentum_buffer'], opt.state[w]['momentum_buffer'])
+    assert opt2.param_groups[1]['clipping'] == 0.05
 
 
 def test_sgd_agc_param_group_without_clipping_and_closure():
