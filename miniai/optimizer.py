@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.sgd import sgd as torch_sgd   # the update `torch.optim.SGD.step` applies
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'sgd_step', 'weight_decay', 'l2_reg', 'Optimizer', 'average_grad', 'average_sqr_grad',
@@ -536,12 +537,13 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Any:
-        "One LARS step; `closure`, if given, re-evaluates the loss first."
+        "Scale each gradient by its layer's trust ratio, then take `torch.optim.SGD`'s update with it."
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for group in self.param_groups:
-            wd, mom, damp = group['weight_decay'], group['momentum'], group['dampening']
+            wd, mom = group['weight_decay'], group['momentum']
+            params, grads = [], []
             for p in group['params']:
                 if p.grad is None: continue
                 d_p = p.grad                                                     # p.shape
@@ -549,12 +551,13 @@ class LARS(torch.optim.Optimizer):
                 if wd != 0 and p_norm != 0 and g_norm != 0:
                     lars_lr = self.trust_coefficient * p_norm / (g_norm + p_norm*wd + self.eps)   # ()
                     d_p = d_p.add(p, alpha=wd) * lars_lr                         # p.shape
-                if mom != 0:
-                    state = self.state[p]
-                    if 'momentum_buffer' not in state: buf = state['momentum_buffer'] = d_p.detach().clone()
-                    else: buf = state['momentum_buffer'].mul_(mom).add_(d_p, alpha=1 - damp)
-                    d_p = d_p.add(buf, alpha=mom) if group['nesterov'] else buf
-                p.add_(d_p, alpha=-group['lr'])
+                params.append(p); grads.append(d_p)
+            bufs = [self.state[p].get('momentum_buffer') for p in params] if mom != 0 else []
+            # torch.optim.SGD.step's own update; the weight decay is already in `grads`; foreach=False is
+            # its one-tensor-at-a-time loop (the default on a CPU), which leaves the gradients untouched
+            torch_sgd(params, grads, bufs, foreach=False, weight_decay=0., momentum=mom, lr=group['lr'],
+                      dampening=group['dampening'], nesterov=group['nesterov'], maximize=False)
+            for p, buf in zip(params, bufs): self.state[p]['momentum_buffer'] = buf
         return loss
 
 # %% ../notebooks/06_optimizers.ipynb #c086

@@ -791,6 +791,86 @@ def test_lars_leaves_zero_weight_decay_groups_and_zero_norms_unscaled():
     close(a.detach(), [1 - 0.1*lars_lr*(0.5 + 0.1)]*3)
 
 
+class HandLARS(torch.optim.Optimizer):
+    "`LARS.step` as it was before it called torch's SGD update: its own momentum loop, kept to prove the two equal."
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, trust_coefficient=0.001,
+                 eps=1e-8):
+        self.trust_coefficient, self.eps = trust_coefficient, eps
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            wd, mom, damp = group['weight_decay'], group['momentum'], group['dampening']
+            for p in group['params']:
+                if p.grad is None: continue
+                d_p = p.grad
+                p_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                if wd != 0 and p_norm != 0 and g_norm != 0:
+                    lars_lr = self.trust_coefficient * p_norm / (g_norm + p_norm*wd + self.eps)
+                    d_p = d_p.add(p, alpha=wd) * lars_lr
+                if mom != 0:
+                    state = self.state[p]
+                    if 'momentum_buffer' not in state: buf = state['momentum_buffer'] = d_p.detach().clone()
+                    else: buf = state['momentum_buffer'].mul_(mom).add_(d_p, alpha=1 - damp)
+                    d_p = d_p.add(buf, alpha=mom) if group['nesterov'] else buf
+                p.add_(d_p, alpha=-group['lr'])
+
+
+class ScaleThenSGD:
+    "LARS by hand: replace each gradient by (g + wd*p) * trust ratio, then `torch.optim.SGD` without weight decay."
+    def __init__(self, groups, lr, weight_decay, trust_coefficient, eps, **kw):
+        self.groups = [(g['params'], g.get('weight_decay', weight_decay)) for g in groups]
+        self.tc, self.eps = trust_coefficient, eps
+        self.opt = torch.optim.SGD([{'params': g['params']} for g in groups], lr=lr, **kw)
+    def step(self):
+        for params, wd in self.groups:
+            for p in params:
+                if p.grad is None or wd == 0 or p.norm() == 0 or p.grad.norm() == 0: continue
+                p.grad = p.grad.add(p.detach(), alpha=wd) * (self.tc*p.norm()/(p.grad.norm() + p.norm()*wd + self.eps))
+        self.opt.step()
+
+
+def _lars_trajectory(make_opt, n_steps=40, seed=3):
+    "Parameters after `n_steps` fixed random steps: two groups (one without weight decay), a zero weight, a zero"
+    "gradient now and then, and a parameter that never gets a gradient."
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in [(6, 4), (6,), (3, 6), (3,), (2,)]]
+    with torch.no_grad(): params[1].zero_()
+    opt = make_opt([{'params': params[:3]}, {'params': params[3:], 'weight_decay': 0.}])
+    for i in range(n_steps):
+        for j, p in enumerate(params[:4]):
+            p.grad = torch.zeros_like(p) if (i + j) % 7 == 0 else torch.randn(p.shape, generator=gen) * 10**(i % 3 - 1)
+        opt.step()
+    assert params[4].grad is None
+    return params, opt
+
+
+@pytest.mark.parametrize('kw', [dict(momentum=0.), dict(momentum=0.9), dict(momentum=0.9, dampening=0.3),
+                                dict(momentum=0.9, nesterov=True)])
+def test_lars_is_bit_for_bit_its_former_self_and_scaling_then_torch_sgd(kw):
+    hp = dict(lr=0.5, weight_decay=1e-2, trust_coefficient=0.02, eps=1e-8)
+    ours, opt = _lars_trajectory(lambda g: LARS(g, **hp, **kw))
+    before, old = _lars_trajectory(lambda g: HandLARS(g, **hp, **kw))
+    by_hand, _ = _lars_trajectory(lambda g: ScaleThenSGD(g, **hp, **kw))
+    for a, b, c in zip(ours, before, by_hand):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert len(opt.state) == len(old.state) == (4 if kw['momentum'] else 0)   # buffers for the same parameters
+    for p, q in zip(ours, before):
+        if p in opt.state: assert torch.equal(opt.state[p]['momentum_buffer'], old.state[q]['momentum_buffer'])
+    plain, _ = _lars_trajectory(lambda g: torch.optim.SGD(g, lr=0.5, weight_decay=1e-2, **kw))
+    assert not torch.equal(ours[0], plain[0])                                  # the scaling did something
+
+
+def test_lars_step_leaves_the_gradients_alone():
+    p = nn.Parameter(torch.tensor([3., 4.])); g = torch.tensor([0.6, 0.8])
+    opt = LARS([p], 0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    for _ in range(2):
+        p.grad = g.clone(); opt.step()
+        assert torch.equal(p.grad, g)
+
+
 def test_lars_validates_arguments_and_runs_closure():
     p = nn.Parameter(torch.ones(2))
     for kw, msg in [(dict(lr=-1.), 'learning rate'), (dict(lr=0.1, momentum=-1.), 'momentum'),
