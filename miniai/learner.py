@@ -3,109 +3,24 @@
 # %% ../notebooks/01_learner.ipynb #c002
 from __future__ import annotations
 
-import copy
-import math
-import random
-import sys
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import Any
 
-import fastprogress
-import matplotlib.pyplot as plt
-import numpy as np
+import math
 import torch
-import torch.nn.functional as F
 from torch import nn, optim
 
-# torcheval (used by MetricsCB) still calls the deprecated torch.jit.script when it is imported
-warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated', category=FutureWarning)
+from .callback import (Callback, CancelBatchException, CancelEpochException, CancelFitException, run_cbs)
+from .device import def_device, set_seed, to_cpu, to_device
+from .callbacks import (BatchSchedCB, BatchTransformCB, DeviceCB, MetricsCB, ProgressCB, SingleBatchCB,
+                              epoch_times, format_row)
+from .lrfind import LRFinderCB, LRFindResult, lr_find, plot_lr_find
+# Everything imported above can still be imported from `miniai.learner`, where it all lived before the library was
+# split by concern: code written against the old layout (and the course's `from miniai.learner import ...`) runs.
 
 # %% auto #0
-__all__ = ['def_device', 'RESULTS_MIME', 'to_device', 'to_cpu', 'set_seed', 'CancelFitException', 'CancelEpochException',
-           'CancelBatchException', 'Callback', 'run_cbs', 'optimizer_step', 'frozen_bn_stats', 'Learner', 'TrainCB',
-           'TrainLearner', 'MomentumLearner', 'DeviceCB', 'SingleBatchCB', 'BatchTransformCB', 'BatchSchedCB',
-           'MetricsCB', 'format_row', 'ProgressCB', 'LRFindResult', 'LRFinderCB', 'lr_find', 'plot_lr_find',
-           'show_results', 'epoch_times']
-
-# %% ../notebooks/01_learner.ipynb #c004
-def _best_device() -> torch.device:
-    "CUDA if available, then MPS, then the CPU."
-    if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
-    return torch.device('cpu')
-
-def_device = _best_device()
-
-def to_device(x: Any, device: torch.device | str = def_device) -> Any:
-    "Move a tensor, or the tensors in a (nested) list, tuple or dict, to `device`."
-    if isinstance(x, torch.Tensor): return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping): return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(to_device(o, device) for o in x)
-    return x
-
-def to_cpu(x: Any) -> Any:
-    "Detach and copy tensors (possibly nested) to the CPU; half precision becomes float32."
-    if isinstance(x, Mapping): return {k: to_cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(to_cpu(o) for o in x)
-    if not isinstance(x, torch.Tensor): return x
-    res = x.detach().cpu()
-    return res.float() if res.dtype == torch.float16 else res
-
-def set_seed(seed: int, deterministic: bool = False) -> None:
-    "Seed Python, NumPy and PyTorch; `deterministic=True` also asks PyTorch for deterministic kernels."
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-# %% ../notebooks/01_learner.ipynb #c008
-class CancelFitException(Exception):
-    "Raised by a callback to stop training; `fit` returns normally."
-
-class CancelEpochException(Exception):
-    "Raised by a callback to skip the rest of the current epoch."
-
-class CancelBatchException(Exception):
-    "Raised by a callback to skip the rest of the current batch."
-
-_CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
-
-class Callback:
-    "Base class for callbacks: one no-op method per event; subclasses override the ones they need."
-    order: int = 0
-    in_lr_find: bool = True   # whether `Learner.lr_find` runs this callback during its sweep
-
-    def before_fit(self, learn: 'Learner') -> None: "Called once before training starts."
-    def after_fit(self, learn: 'Learner') -> None: "Called once after training ends normally."
-    def cleanup_fit(self, learn: 'Learner') -> None: "Called once when training ends, however it ends."
-    def before_epoch(self, learn: 'Learner') -> None: "Called before each training or validation epoch."
-    def after_epoch(self, learn: 'Learner') -> None: "Called after each epoch that ran to its end."
-    def cleanup_epoch(self, learn: 'Learner') -> None: "Called after each epoch, however it ends."
-    def before_batch(self, learn: 'Learner') -> None: "Called when a batch has been drawn."
-    def after_predict(self, learn: 'Learner') -> None: "Called after the forward pass."
-    def after_loss(self, learn: 'Learner') -> None: "Called after the loss is computed."
-    def after_backward(self, learn: 'Learner') -> None: "Called after the backward pass (training only)."
-    def after_step(self, learn: 'Learner') -> None: "Called after the optimizer step (training only)."
-    def after_batch(self, learn: 'Learner') -> None: "Called after each batch that ran to its end."
-    def cleanup_batch(self, learn: 'Learner') -> None: "Called after each batch, however it ends."
-
-    def __repr__(self) -> str: return f"{type(self).__name__}()"
-
-def run_cbs(cbs: Iterable[Callback], method_nm: str, learn: 'Learner' | None = None) -> None:
-    "Call `method_nm` on each callback in `order`; an error is annotated with the callback and the event."
-    for cb in sorted(cbs, key=attrgetter('order')):
-        method = getattr(cb, method_nm, None)
-        if method is None: continue
-        try: method(learn)
-        except _CANCELS: raise
-        except BaseException as e:
-            where = f" (epoch {learn.epoch}, batch {learn.iter})" if learn is not None and learn.iter is not None else ''
-            e.add_note(f"raised in callback {type(cb).__name__}.{method_nm}{where}")
-            raise
+__all__ = ['optimizer_step', 'frozen_bn_stats', 'print_row', 'Learner', 'TrainCB', 'TrainLearner', 'MomentumLearner']
 
 # %% ../notebooks/01_learner.ipynb #c012
 def optimizer_step(learn: 'Learner') -> None:
@@ -135,16 +50,25 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             for name, value in saved.items(): model.get_buffer(name).copy_(value)
 
 # %% ../notebooks/01_learner.ipynb #c013
+def _as_list(cbs: Callback | Iterable[Callback] | None) -> list[Callback]:
+    "`None` -> [], one callback -> [it], an iterable of callbacks -> a list of them."
+    if cbs is None: return []
+    return [cbs] if isinstance(cbs, Callback) else list(cbs)
+
+def print_row(row: Mapping) -> None:
+    "The default logger: print a history row as one line of text."
+    print(format_row(row))
+
 class Learner:
     "Train `model` on `dls` with `loss_func`, an optimizer from `opt_func`, and callbacks `cbs`."
-    def __init__(self, model: nn.Module, dls: Any = (0,), loss_func: Callable = F.mse_loss, lr: float | None = 0.1,
-                 cbs: Iterable[Callback] | None = None, opt_func: Callable = optim.SGD):
+    def __init__(self, model: nn.Module, dls: Any, loss_func: Callable, lr: float = 0.1,
+                 cbs: Callback | Iterable[Callback] | None = None, opt_func: Callable = optim.SGD):
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
-        self.cbs = list(cbs or [])
+        self.cbs = _as_list(cbs)
+        self.logger: Callable[[Mapping], None] | None = print_row   # where per-epoch rows go; None: nowhere
         self.opt = None
         self.training, self.epoch, self.n_epochs, self.iter, self.dl = False, 0, 0, None, None
         self.batch = self.preds = self.loss = None
-        self.nan_guard = True   # refuse a non-finite training loss (lr_find turns this off while it sweeps)
 
     # -- the steps of a batch: in the base class, callbacks do them ------------------------------------
     def predict(self) -> None: "Forward pass: set `self.preds`."; self.callback('predict')
@@ -156,6 +80,27 @@ class Learner:
     def callback(self, method_nm: str) -> None:
         "Run `method_nm` on every callback that has it, in `order`."
         run_cbs(self.cbs, method_nm, self)
+
+    def log(self, row: Mapping) -> None:
+        "Write one per-epoch row through `self.logger` (print by default; `ProgressCB` swaps in its table)."
+        if self.logger is not None: self.logger(row)
+
+    @contextmanager
+    def added_cbs(self, cbs: Callback | Iterable[Callback] | None) -> Iterator[None]:
+        "Within the block, `cbs` are added to the learner's callbacks; afterwards they are removed again."
+        cbs = _as_list(cbs)
+        self.cbs += cbs
+        try: yield
+        finally:
+            for cb in cbs: self.cbs.remove(cb)
+
+    @contextmanager
+    def removed_cbs(self, cbs: Callback | Iterable[Callback] | None) -> Iterator[None]:
+        "Within the block, `cbs` are taken out of the learner's callbacks; afterwards they are back in their places."
+        cbs, saved = _as_list(cbs), list(self.cbs)
+        self.cbs = [cb for cb in self.cbs if not any(cb is c for c in cbs)]
+        try: yield
+        finally: self.cbs = saved + [cb for cb in self.cbs if not any(cb is s for s in saved)]
 
     @contextmanager
     def _stage(self, name: str, cancel: type[Exception]) -> Iterator[None]:
@@ -169,7 +114,7 @@ class Learner:
 
     def _check_loss(self) -> None:
         "Refuse a NaN or infinite training loss before it reaches the weights."
-        if not (self.nan_guard and self.training): return
+        if not self.training: return
         # the usual loss is one number: reading it with `item()` costs one operation instead of three
         finite = math.isfinite(self.loss.item()) if self.loss.numel() == 1 else bool(torch.isfinite(self.loss).all())
         if not finite:
@@ -217,29 +162,24 @@ class Learner:
                                 f"build one with miniai.datasets.DataLoaders(train_dl, valid_dl)")
 
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
-            cbs: Iterable[Callback] | None = None, lr: float | None = None) -> None:
+            cbs: Callback | Iterable[Callback] | None = None, lr: float | None = None) -> None:
         "Train for `n_epochs` (evaluating after each); `cbs` are added for this call only."
         self._check_dls(train, valid)
         lr = self.lr if lr is None else lr
         if train and lr is None: raise ValueError("no learning rate: pass `lr` to the Learner or to `fit`")
-        temp_cbs = list(cbs or [])
-        self.cbs += temp_cbs
-        was_training = self.model.training
-        try:
+        with self.added_cbs(cbs):
             self.n_epochs, self.iter = n_epochs, None
             if train: self.opt = self.opt_func(self.model.parameters(), lr)
-            with self._stage('fit', CancelFitException):
-                for self.epoch in range(n_epochs):
-                    if train: self.one_epoch(True)
-                    if valid:
-                        with torch.no_grad(): self.one_epoch(False)
-        finally:
-            for cb in temp_cbs: self.cbs.remove(cb)
-            self.model.train(was_training)
-            self.training = False
+            try:
+                with self._stage('fit', CancelFitException):
+                    for self.epoch in range(n_epochs):
+                        if train: self.one_epoch(True)
+                        if valid:
+                            with torch.no_grad(): self.one_epoch(False)
+            finally: self.training = False   # the model stays in the mode of the last phase (eval after validation)
 
     def lr_find(self, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
-                plot: bool = True) -> 'LRFindResult':
+                plot: bool = True) -> LRFindResult:
         "Sweep the learning rate up by `gamma` per batch until the loss diverges; the model is restored afterwards."
         return lr_find(self, gamma=gamma, max_mult=max_mult, start_lr=start_lr, max_epochs=max_epochs, plot=plot)
 
@@ -263,270 +203,11 @@ class TrainLearner(Learner):
 
 class MomentumLearner(TrainLearner):
     "A `TrainLearner` whose `zero_grad` multiplies the gradients by `mom` instead of zeroing them."
-    def __init__(self, model: nn.Module, dls: Any, loss_func: Callable, lr: float | None = None,
-                 cbs: Iterable[Callback] | None = None, opt_func: Callable = optim.SGD, mom: float = 0.85):
+    def __init__(self, *args: Any, mom: float = 0.85, **kwargs: Any):
         self.mom = mom
-        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+        super().__init__(*args, **kwargs)
 
     def zero_grad(self) -> None:
         with torch.no_grad():
             for p in self.model.parameters():
                 if p.grad is not None: p.grad.mul_(self.mom)   # parameters without a gradient are left alone
-
-# %% ../notebooks/01_learner.ipynb #c017
-class DeviceCB(Callback):
-    "Move the model to `device` before fit and every batch to it before the step."
-    def __init__(self, device: torch.device | str = def_device): self.device = device
-    def before_fit(self, learn: Learner) -> None: learn.model.to(self.device)
-    def before_batch(self, learn: Learner) -> None: learn.batch = to_device(learn.batch, device=self.device)
-
-class SingleBatchCB(Callback):
-    "Stop training after the first batch."
-    order = 1
-    def after_batch(self, learn: Learner) -> None: raise CancelFitException()
-
-class BatchTransformCB(Callback):
-    "Replace each batch by `tfm(batch)`, in training (`on_train`) and/or validation (`on_val`)."
-    order = DeviceCB.order + 1
-    def __init__(self, tfm: Callable, on_train: bool = True, on_val: bool = True):
-        self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
-    def before_batch(self, learn: Learner) -> None:
-        if (self.on_train and learn.training) or (self.on_val and not learn.training):
-            learn.batch = self.tfm(learn.batch)
-
-class BatchSchedCB(Callback):
-    "Step a learning-rate scheduler, built by `sched(opt)` at the start of fit, after every optimizer step."
-    def __init__(self, sched: Callable): self.sched = sched
-    def before_fit(self, learn: Learner) -> None: self.schedo = self.sched(learn.opt)
-    def after_step(self, learn: Learner) -> None: self.schedo.step()
-
-# %% ../notebooks/01_learner.ipynb #c019
-class MetricsCB(Callback):
-    "Track torcheval `metrics` and the mean loss on the device; log one row per epoch and phase in `history`."
-    in_lr_find = False
-    max_kept_batches, max_kept_bytes = 1024, 32 * 2**20   # when kept batches go into the metrics, at the latest
-    def __init__(self, *ms: Any, **metrics: Any):
-        from torcheval.metrics import Mean
-        for m in ms: metrics[type(m).__name__] = m
-        self.metrics = metrics
-        self.loss = Mean()
-        self.all_metrics = {**metrics, 'loss': self.loss}
-        self.history: list[dict] = []
-        self.device = torch.device('cpu')   # where torcheval creates its state
-        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (preds, targets, loss) per batch
-        self._kept_bytes = 0
-
-    def before_fit(self, learn: Learner) -> None:
-        learn.metrics = self
-
-    def before_epoch(self, learn: Learner) -> None:
-        for m in self.all_metrics.values(): m.reset()
-        self._kept, self._kept_bytes = [], 0
-        self._t0 = time.perf_counter()
-
-    def after_batch(self, learn: Learner) -> None:
-        if self.device != learn.loss.device:   # first batch on a GPU: bring the metrics' state along, once
-            self.device = learn.loss.device
-            for m in self.all_metrics.values(): m.to(self.device)
-        preds, y = learn.preds.detach(), learn.batch[1]   # (B, n_classes), (B,): they stay on the device
-        last = self._kept[-1] if self._kept else None
-        if last is not None and (preds.shape[1:], y.shape[1:]) != (last[0].shape[1:], last[1].shape[1:]):
-            self.flush()   # kept batches are concatenated, so only batches of the same shape are kept together
-        self._kept.append((preds, y, learn.loss.detach()))
-        self._kept_bytes += preds.nbytes + y.nbytes
-        # the first batch of each epoch goes in at once, so predictions a metric rejects fail at batch 0, not at
-        # the end of the epoch; after that, at most `max_kept_batches` batches or `max_kept_bytes` wait
-        if (learn.iter == 0 or len(self._kept) >= self.max_kept_batches
-                or self._kept_bytes >= self.max_kept_bytes): self.flush()
-
-    def flush(self) -> None:
-        "Update the metrics and the mean loss with the batches kept so far: one `update` call each for all of them."
-        if not self._kept: return
-        preds, ys, losses = zip(*self._kept)
-        self._kept, self._kept_bytes = [], 0
-        n, sizes = len(preds), [len(y) for y in ys]
-        preds, ys = (preds[0], ys[0]) if n == 1 else (torch.cat(preds), torch.cat(ys))   # (N, n_classes), (N,)
-        for name, m in self.metrics.items():
-            try: m.update(preds, ys)
-            except Exception as e:
-                e.add_note(f"MetricsCB: metric '{name}' rejected predictions of shape {tuple(preds.shape)} and "
-                           f"targets of shape {tuple(ys.shape)} (the last {n} batches together)")
-                raise
-        losses = torch.stack([l.float().mean() for l in losses])                              # (n,)
-        self.loss.update(losses, weight=torch.tensor(sizes, dtype=losses.dtype, device=losses.device))
-
-    def after_epoch(self, learn: Learner) -> None:
-        self.flush()
-        row = {'epoch': learn.epoch, 'train': learn.training}
-        row.update({k: float(m.compute()) for k, m in self.all_metrics.items()})
-        row['time'] = time.perf_counter() - self._t0
-        self.history.append(row)
-        progress = getattr(learn, 'progress', None)
-        if progress is not None: progress.log_row(row)
-        else: print(format_row(row))
-
-def format_row(row: Mapping) -> str:
-    "A history row as one line of text."
-    return '  '.join(f"{k} {'train' if v else 'eval'}" if k == 'train' else
-                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-
-# %% ../notebooks/01_learner.ipynb #c021
-class ProgressCB(Callback):
-    "Progress bars, a metrics table and (with `plot=True`) a live loss curve, via fastprogress."
-    order = MetricsCB.order + 1
-    in_lr_find = False
-    def __init__(self, plot: bool = False, updates_per_epoch: int = 4):
-        self.plot, self.updates_per_epoch = plot, updates_per_epoch
-
-    def before_fit(self, learn: Learner) -> None:
-        learn.progress = self
-        # bars only where they can be redrawn: in a notebook or an interactive terminal; else plain text rows
-        self.bars = fastprogress.fastprogress.IN_NOTEBOOK or sys.stdout.isatty()
-        self.mbar = fastprogress.master_bar(range(learn.n_epochs)) if self.bars else None
-        self.epochs = iter(self.mbar) if self.bars else None
-        self.first_row = True
-        self.losses: list[float] = []
-        self._pending: list[torch.Tensor] = []
-        self.val_losses: list[float] = []
-
-    def log_row(self, row: Mapping) -> None:
-        "Write one metrics row (the header first): a table in a notebook, aligned text in a terminal."
-        cells = [('train' if v else 'eval') if k == 'train' else f'{v:.3f}' if isinstance(v, float) else str(v)
-                 for k, v in row.items()]
-        if self.first_row:
-            self._write(list(row))
-            self.first_row = False
-        self._write(cells)
-
-    def _write(self, cells: list[str]) -> None:
-        if self.mbar is not None: self.mbar.write(cells, table=True)
-        else: print('  '.join(f'{c:>8}' for c in cells), flush=True)
-
-    def before_epoch(self, learn: Learner) -> None:
-        n = len(learn.dl) if hasattr(learn.dl, '__len__') else 0
-        self._every = max(1, n // self.updates_per_epoch) if n else 50
-        if self.bars:
-            if learn.training: next(self.epochs, None)
-            learn.dl = fastprogress.progress_bar(learn.dl, leave=False, parent=self.mbar)  # the learner iterates the bar
-
-    def after_batch(self, learn: Learner) -> None:
-        if learn.training:
-            self._pending.append(learn.loss.detach())
-            if self.plot and self.bars and (learn.iter + 1) % self._every == 0: self._update_graph()
-
-    def _flush(self) -> None:
-        "Read the pending per-batch losses from the device in one transfer."
-        if self._pending:
-            self.losses += torch.stack(self._pending).float().cpu().tolist()
-            self._pending = []
-
-    def _update_graph(self) -> None:
-        self._flush()
-        graphs = [[list(range(len(self.losses))), self.losses]]
-        if self.val_losses:
-            per_epoch = len(self.losses) / max(1, len(self.val_losses))
-            graphs.append([[per_epoch*(i+1) for i in range(len(self.val_losses))], self.val_losses])
-        self.mbar.update_graph(graphs)
-
-    def after_epoch(self, learn: Learner) -> None:
-        if not learn.training:
-            metrics = getattr(learn, 'metrics', None)
-            if metrics is not None and metrics.history: self.val_losses.append(metrics.history[-1]['loss'])
-        if self.plot and self.bars: self._update_graph()
-        else: self._flush()
-
-    def cleanup_fit(self, learn: Learner) -> None:
-        self._flush()
-        learn.progress = None
-        if self.mbar is not None: self.mbar.on_iter_end()
-
-# %% ../notebooks/01_learner.ipynb #c034
-class LRFindResult(NamedTuple):
-    "What `lr_find` returns: the learning rates tried, their losses, and a suggested learning rate."
-    lrs: list[float]
-    losses: list[float]
-    suggestion: float | None
-
-class LRFinderCB(Callback):
-    "Multiply the learning rate by `gamma` after each training batch; stop when the loss diverges."
-    def __init__(self, gamma: float = 1.3, max_mult: float = 3):
-        self.gamma, self.max_mult = gamma, max_mult
-
-    def before_fit(self, learn: Learner) -> None:
-        self.lrs, self.losses, self.min = [], [], math.inf
-
-    def after_batch(self, learn: Learner) -> None:
-        if not learn.training: raise CancelEpochException()
-        loss = learn.loss.item()
-        self.lrs.append(learn.opt.param_groups[0]['lr'])
-        self.losses.append(loss)
-        if not math.isfinite(loss) or loss > self.min + (self.max_mult - 1)*max(abs(self.min), 1e-8):
-            raise CancelFitException()
-        self.min = min(self.min, loss)
-        for g in learn.opt.param_groups: g['lr'] *= self.gamma
-
-def _rng_state() -> dict:
-    "The states of Python's, NumPy's and torch's random generators."
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-def _set_rng_state(state: dict) -> None:
-    "Restore the generators saved by `_rng_state`."
-    random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
-    if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
-
-def lr_find(learn: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5,
-            max_epochs: int = 10, plot: bool = True) -> LRFindResult:
-    "Run the learning-rate sweep on `learn` and restore its model, optimizer and random state afterwards."
-    model = learn.model
-    weights = copy.deepcopy(model.state_dict())        # parameters and buffers
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    opt, was_training, rng = learn.opt, model.training, _rng_state()
-    skipped = [cb for cb in learn.cbs if not cb.in_lr_find]
-    finder = LRFinderCB(gamma, max_mult)
-    learn.cbs = [cb for cb in learn.cbs if cb.in_lr_find]
-    learn.nan_guard = False   # the finder must see a non-finite loss: that is how it knows the sweep diverged
-    try:
-        learn.fit(max_epochs, valid=False, lr=start_lr, cbs=[finder])
-    finally:
-        learn.nan_guard = True
-        learn.cbs = learn.cbs + skipped
-        with torch.no_grad():
-            model.load_state_dict(weights)
-            for p, g in zip(model.parameters(), grads): p.grad = g
-        learn.opt = opt
-        model.train(was_training)
-        _set_rng_state(rng)
-    lrs, losses = finder.lrs, finder.losses
-    finite = [(l, lr) for lr, l in zip(lrs, losses) if math.isfinite(l)]
-    suggestion = min(finite)[1]/10 if len(finite) >= 2 else None
-    if plot: plot_lr_find(lrs, losses, suggestion)
-    return LRFindResult(lrs, losses, suggestion)
-
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None = None, ax=None):
-    "Loss against learning rate on a log axis, with the suggestion marked."
-    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(lrs, losses)
-    ax.set_xscale('log'); ax.set_xlabel('learning rate (log scale)'); ax.set_ylabel('training loss')
-    if suggestion is not None:
-        ax.axvline(suggestion, color='C1', ls='--', label=f'suggestion {suggestion:.2g}'); ax.legend()
-    ax.set_title('Learning-rate finder')
-    return ax
-
-# %% ../notebooks/01_learner.ipynb #c038
-RESULTS_MIME = 'application/vnd.miniai.results+json'
-
-def show_results(rows: Sequence[Mapping], lesson: str) -> None:
-    "Display `rows` ({'technique', 'accuracy', 'epoch_time'}) as a Markdown table and as JSON for the results page."
-    from IPython.display import display
-    lines = ['| technique | test accuracy | train time per epoch (s) |', '|---|---:|---:|']
-    lines += [f"| {r['technique']} | {r['accuracy']:.4f} | {r['epoch_time']:.2f} |" for r in rows]
-    payload = {'lesson': lesson, 'rows': [{'technique': str(r['technique']), 'accuracy': float(r['accuracy']),
-                                           'epoch_time': float(r['epoch_time'])} for r in rows]}
-    display({'text/markdown': '\n'.join(lines), RESULTS_MIME: payload}, raw=True)
-
-def epoch_times(metrics: MetricsCB) -> float:
-    "Mean wall time of the training epochs recorded in `metrics.history`."
-    times = [r['time'] for r in metrics.history if r['train']]
-    return sum(times)/len(times) if times else float('nan')

@@ -25,14 +25,14 @@ def test_library_matches_notebook_export(tmp_path):
     for name in ('pyproject.toml', 'README.md'):
         shutil.copy(ROOT/name, tmp_path/name)
     shutil.copytree(ROOT/'notebooks', tmp_path/'notebooks')
+    shutil.copytree(ROOT/'tools', tmp_path/'tools')
     (tmp_path/'miniai').mkdir()
     shutil.copy(LIB/'__init__.py', tmp_path/'miniai'/'__init__.py')
-    exporter = Path(sys.executable).parent/'nbdev-export'
-    subprocess.run([str(exporter)], cwd=tmp_path, check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, 'tools/export.py'], cwd=tmp_path, check=True, capture_output=True, text=True)
     want, got = _tree(tmp_path/'miniai'), _tree(LIB)
     assert sorted(want) == sorted(got), f"modules differ: exported {sorted(want)}, committed {sorted(got)}"
     drift = [name for name in want if want[name] != got[name]]
-    assert not drift, f"miniai/ differs from the notebooks' export in {drift}: run `uv run nbdev-export`"
+    assert not drift, f"miniai/ differs from the notebooks' export in {drift}: run `uv run python tools/export.py`"
 
 
 @pytest.mark.parametrize('path', MODULES, ids=lambda p: p.name)
