@@ -3,10 +3,8 @@
 # %% ../notebooks/02_activations.ipynb #c002
 from __future__ import annotations
 
-import gc
-import sys
-import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 
 import matplotlib.pyplot as plt
@@ -14,16 +12,20 @@ import torch
 from torch import nn
 
 from .learner import Callback, Learner
+# The memory helpers moved to miniai.memory (they have nothing to do with hooks); importing them here keeps
+# `from miniai.activations import clean_mem` working.
+from .memory import clean_ipython_hist, clean_mem, clean_tb
 
 # %% auto #0
-__all__ = ['N_BINS', 'HIST_MAX', 'Hook', 'Hooks', 'is_leaf', 'HooksCallback', 'hist_items', 'batch_stats', 'ActivationStats',
-           'clean_ipython_hist', 'clean_tb', 'clean_mem']
+__all__ = ['N_BINS', 'HIST_MAX', 'Hook', 'Hooks', 'is_leaf', 'HooksCallback', 'hist_items', 'batch_stats', 'LayerStats',
+           'append_stats', 'get_hist', 'get_min', 'ActivationStats']
 
 # %% ../notebooks/02_activations.ipynb #c004
 class Hook:
     "A forward hook calling `f(hook, module, inp, outp)` on `m`; remove it with `remove()` or a `with` block."
     def __init__(self, m: nn.Module, f: Callable):
         self.module = m
+        self.stats: LayerStats | None = None   # the record `append_stats` keeps for this layer, if used
         self.handle = m.register_forward_hook(partial(f, self))
 
     def remove(self) -> None:
@@ -54,7 +56,6 @@ def is_leaf(m: nn.Module) -> bool:
 
 class HooksCallback(Callback):
     "Hook the leaf modules passing `mod_filter` (or `mods`) for the duration of each fit."
-    in_lr_find = False
     def __init__(self, hookfunc: Callable, mod_filter: Callable[[nn.Module], bool] = lambda m: True,
                  on_train: bool = True, on_valid: bool = False, mods: Iterable[nn.Module] | None = None):
         self.hookfunc, self.mod_filter, self.on_train, self.on_valid = hookfunc, mod_filter, on_train, on_valid
@@ -118,50 +119,103 @@ def _compact(rows: torch.Tensor) -> torch.Tensor:
     n = len(rows) // 2 * 2
     return torch.cat([rows[:n].view(n//2, 2, -1).mean(1), rows[n:]])
 
+@dataclass(eq=False)
+class LayerStats:
+    "One layer's record: sums of the batches not yet turned into rows, and the rows (mean, std, 40 bins) on the CPU."
+    hist_values: int = 4096   # values in each batch's histogram sample (see `hist_items`)
+    max_pending: int = 256    # batches kept as sums before they become rows, even within an epoch
+    max_rows: int = 4096      # rows kept; beyond that, neighbouring rows are averaged in pairs
+    pending: list[tuple] = field(default_factory=list, repr=False)   # `_batch_sums` results, on the device
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, N_BINS + 2), repr=False)   # (N, 42)
+
+    def append(self, acts: torch.Tensor) -> None:
+        "Keep the sums and the histogram sample of one batch of activations."
+        self.pending.append(_batch_sums(acts, self.hist_values))
+        if len(self.pending) == self.max_pending: self.flush()
+
+    def flush(self) -> None:
+        "Turn the pending sums into rows (one copy to the CPU), compacting the rows if they grew past `max_rows`."
+        if not self.pending: return
+        self.rows = torch.cat([self.rows, _rows_from_sums(self.pending).cpu()])   # (N, 42)
+        self.pending = []
+        while len(self.rows) > self.max_rows: self.rows = _compact(self.rows)
+
+    @property
+    def means(self) -> torch.Tensor:
+        "The mean of each recorded batch (pending ones included), (N,)."
+        self.flush()
+        return self.rows[:, 0]
+
+    @property
+    def stds(self) -> torch.Tensor:
+        "The (biased) standard deviation of each recorded batch, (N,)."
+        self.flush()
+        return self.rows[:, 1]
+
+    @property
+    def hists(self) -> torch.Tensor:
+        "The histogram of |activations| of each recorded batch, (N, 40) over [0, 10]."
+        self.flush()
+        return self.rows[:, 2:]
+
+def append_stats(hook: Hook, mod: nn.Module, inp, outp: torch.Tensor) -> None:
+    "A hook function recording each batch's statistics of `outp` in `hook.stats`, a `LayerStats` made on first use."
+    if hook.stats is None: hook.stats = LayerStats()
+    hook.stats.append(outp)
+
+def _record(h: Hook) -> LayerStats:
+    "The statistics hook `h` recorded; a clear error if it recorded none."
+    if h.stats is None:
+        raise ValueError(f"the hook on {type(h.module).__name__} has no statistics: record them with `append_stats` "
+                         "or `ActivationStats`")
+    return h.stats
+
+def get_hist(h: Hook) -> torch.Tensor:
+    "Hook `h`'s histograms as an image, (40, N): magnitude up, batches across, log(1 + count)."
+    return _record(h).hists.T.log1p()                 # (40, N)
+
+def get_min(h: Hook) -> torch.Tensor:
+    "The fraction of hook `h`'s sampled activations in the lowest bin (|a| < 0.25), batch by batch, (N,)."
+    hists = _record(h).hists                          # (N, 40)
+    return hists[:, 0] / hists.sum(1).clamp_min(1)   # (N,) an empty histogram gives 0, not 0/0
+
+# %% ../notebooks/02_activations.ipynb #c010a
 class ActivationStats(HooksCallback):
-    "Record mean, std and a histogram of each hooked layer's output per training batch."
+    "Record mean, std and a histogram of each hooked layer's output per training batch, in a `LayerStats` per hook."
     max_pending = 256   # batches a layer keeps before turning them into rows, even within an epoch
     def __init__(self, mod_filter: Callable[[nn.Module], bool] = lambda m: True, on_train: bool = True,
                  on_valid: bool = False, mods: Iterable[nn.Module] | None = None,
                  hist_values: int = 4096, max_rows: int = 4096):
-        super().__init__(self._append, mod_filter, on_train, on_valid, mods)
+        super().__init__(append_stats, mod_filter, on_train, on_valid, mods)
         self.hist_values, self.max_rows = hist_values, max_rows
 
-    def _append(self, hook: Hook, mod: nn.Module, inp, outp) -> None:
-        if not hasattr(hook, 'pending'): hook.pending, hook.rows = [], torch.zeros(0, N_BINS + 2)
-        hook.pending.append(_batch_sums(outp, self.hist_values))
-        if len(hook.pending) == self.max_pending: self._flush_hook(hook)
-
-    def _flush_hook(self, h: Hook) -> None:
-        "Turn `h`'s pending sums into rows on its CPU record, compacting the record if it grew past `max_rows`."
-        h.rows = torch.cat([h.rows, _rows_from_sums(h.pending).cpu()])   # (N, 42)
-        h.pending = []
-        while len(h.rows) > self.max_rows: h.rows = _compact(h.rows)
+    def before_fit(self, learn: Learner) -> None:
+        super().before_fit(learn)
+        for h in self.hooks: h.stats = LayerStats(self.hist_values, self.max_pending, self.max_rows)
 
     def _flush(self) -> None:
-        "Flush every hook with pending sums: at the end of each epoch and whenever the statistics are read."
-        for h in self.hooks:
-            if getattr(h, 'pending', None): self._flush_hook(h)
+        "Turn every layer's pending sums into rows: at the end of each epoch and of the fit."
+        for h in self.hooks: _record(h).flush()
 
     def after_epoch(self, learn: Learner) -> None: self._flush()
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()
         super().cleanup_fit(learn)
 
+    def _recorded(self) -> list[tuple[str, Hook]]:
+        "(name, hook) for each hooked layer that recorded at least one batch; the name is e.g. '0: ReLU'."
+        return [(f"{i}: {type(h.module).__name__}", h) for i, h in enumerate(self.hooks) if len(_record(h).means)]
+
     def stats(self) -> list[dict[str, torch.Tensor]]:
         "Per hooked layer: 'means' (N,), 'stds' (N,), 'hists' (N, 40)."
-        self._flush()
-        return [{'means': h.rows[:, 0], 'stds': h.rows[:, 1], 'hists': h.rows[:, 2:]}
-                for h in self.hooks if hasattr(h, 'rows')]   # CPU tensors
-
-    def _layer_names(self) -> list[str]:
-        return [f"{i}: {type(h.module).__name__}" for i, h in enumerate(self.hooks) if hasattr(h, 'rows')]
+        return [{'means': h.stats.means, 'stds': h.stats.stds, 'hists': h.stats.hists}
+                for _, h in self._recorded()]   # CPU tensors
 
     def plot_stats(self, figsize=(10, 4)):
         "Mean and standard deviation of each layer's activations, batch by batch."
         fig, axs = plt.subplots(1, 2, figsize=figsize)
-        for s, name in zip(self.stats(), self._layer_names()):
-            axs[0].plot(s['means'].numpy(), label=name); axs[1].plot(s['stds'].numpy(), label=name)
+        for name, h in self._recorded():
+            axs[0].plot(h.stats.means.numpy(), label=name); axs[1].plot(h.stats.stds.numpy(), label=name)
         for ax, t in zip(axs, ('mean', 'standard deviation')):
             ax.set_title(f'Activation {t} per layer'); ax.set_xlabel('training batch')
         axs[1].legend(fontsize='small')
@@ -169,84 +223,28 @@ class ActivationStats(HooksCallback):
         return axs
 
     def _layer_axes(self, figsize, suptitle: str, ylabel: str):
-        "One panel per hooked layer, each titled with the layer's name, for `color_dim` and `dead_chart`."
-        stats, names = self.stats(), self._layer_names()
-        fig, axs = plt.subplots(1, len(stats), figsize=figsize, squeeze=False)
-        for ax, name in zip(axs[0], names): ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
+        "One panel per recorded layer, each titled with the layer's name, for `color_dim` and `dead_chart`."
+        recorded = self._recorded()
+        fig, axs = plt.subplots(1, len(recorded), figsize=figsize, squeeze=False)
+        for ax, (name, _) in zip(axs[0], recorded): ax.set_title(name, fontsize='small'); ax.set_xlabel('batch')
         axs[0][0].set_ylabel(ylabel)
         fig.suptitle(suptitle)
-        return fig, axs, stats
+        return fig, axs, [h for _, h in recorded]
 
     def color_dim(self, figsize=(11, 5)):
         "Per layer, the histogram of |activations| over training (x: batch, y: magnitude), on a log colour scale."
-        fig, axs, stats = self._layer_axes(figsize, 'Histogram of activations over training (brighter = more)',
+        fig, axs, hooks = self._layer_axes(figsize, 'Histogram of activations over training (brighter = more)',
                                            '|activation|')
-        for ax, s in zip(axs[0], stats):
-            ax.imshow(s['hists'].T.log1p().numpy(), origin='lower', aspect='auto',
-                      extent=(0, len(s['hists']), 0, HIST_MAX))
+        for ax, h in zip(axs[0], hooks):
+            ax.imshow(get_hist(h).numpy(), origin='lower', aspect='auto', extent=(0, len(h.stats.rows), 0, HIST_MAX))
         fig.tight_layout()
         return axs
 
     def dead_chart(self, figsize=(11, 5)):
         "Per layer, the fraction of activations with |a| < 0.25 (the lowest histogram bin), batch by batch."
-        fig, axs, stats = self._layer_axes(figsize, '"Dead" activations: fraction in the lowest bin',
+        fig, axs, hooks = self._layer_axes(figsize, '"Dead" activations: fraction in the lowest bin',
                                            'fraction near zero')
-        for ax, s in zip(axs[0], stats):
-            h = s['hists']                                  # (N, 40)
-            ax.plot((h[:, 0]/h.sum(1).clamp_min(1)).numpy()); ax.set_ylim(0, 1)
+        for ax, h in zip(axs[0], hooks):
+            ax.plot(get_min(h).numpy()); ax.set_ylim(0, 1)
         fig.tight_layout()
         return axs
-
-# %% ../notebooks/02_activations.ipynb #c023
-def clean_ipython_hist() -> None:
-    "Forget IPython's input history and output caches (a no-op outside IPython)."
-    ip = _ipython()
-    if ip is None: return
-    user_ns = ip.user_ns
-    ip.displayhook.flush()   # drops _, __, ___ and the Out cache
-    pc = ip.displayhook.prompt_count + 1
-    for n in range(1, pc): user_ns.pop('_i' + repr(n), None)
-    user_ns.update(dict(_i='', _ii='', _iii=''))
-    hm = ip.history_manager
-    hm.input_hist_parsed[:] = [''] * pc
-    hm.input_hist_raw[:] = [''] * pc
-    hm._i = hm._ii = hm._iii = hm._i00 = ''
-
-def _ipython():
-    "The running IPython shell, or None."
-    try: from IPython import get_ipython
-    except ImportError: return None
-    return get_ipython()
-
-def _clear_frames(tb) -> None:
-    "Clear every frame of a traceback, including the `f_locals` snapshot a traceback printer may have taken."
-    traceback.clear_frames(tb)
-    while tb is not None:
-        # Python 3.11 keeps a frame's `f_locals` dict alive after `frame.clear()` if it was ever read (IPython's
-        # traceback display reads it); reading it again re-syncs it with the now-empty frame and drops the tensors.
-        tb.tb_frame.f_locals
-        tb = tb.tb_next
-
-def clean_tb() -> None:
-    "Release the frames (and their tensors) held by the last exception's traceback, in Python and in IPython."
-    tbs = [getattr(sys, 'last_traceback', None)]
-    for name in ('last_exc', 'last_value'):
-        exc = getattr(sys, name, None)
-        if exc is not None: tbs.append(exc.__traceback__)
-    ip = _ipython()
-    if ip is not None:   # IPython keeps its own references for %debug and %tb
-        tbs += [getattr(ip, '_last_traceback', None), getattr(ip.InteractiveTB, 'tb', None)]
-        if hasattr(ip, '_last_traceback'): ip._last_traceback = None
-        if hasattr(ip.InteractiveTB, 'tb'): ip.InteractiveTB.tb = None
-    for tb in tbs:
-        if tb is not None: _clear_frames(tb)
-    for name in ('last_traceback', 'last_type', 'last_value', 'last_exc'):
-        if hasattr(sys, name): delattr(sys, name)
-
-def clean_mem() -> None:
-    "Free what a failed cell left behind: traceback frames, IPython caches, then collect and empty GPU caches."
-    clean_tb()
-    clean_ipython_hist()
-    gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): torch.mps.empty_cache()

@@ -1,20 +1,16 @@
-"""miniai.activations: hooks and their removal, ActivationStats against direct computation, memory cleanup."""
+"""miniai.activations: hooks and their removal, ActivationStats and the course's helpers against direct computation."""
 import matplotlib
 matplotlib.use('Agg')
 
-import gc
-import sys
-import weakref
-
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
-from nbclient import NotebookClient
 from torch import nn
 
-from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, _batch_sums, _compact, _rows_from_sums,
-                                batch_stats, clean_mem, clean_tb, hist_items, is_leaf)
+import miniai.memory
+from miniai.activations import (ActivationStats, Hook, Hooks, HooksCallback, LayerStats, _batch_sums, _compact,
+                                _rows_from_sums, append_stats, batch_stats, clean_ipython_hist, clean_mem, clean_tb,
+                                get_hist, get_min, hist_items, is_leaf)
 from miniai.datasets import DataLoaders, TensorLoader
 from miniai.learner import Callback, CancelFitException, TrainLearner
 
@@ -96,7 +92,7 @@ def test_activation_stats_records_every_training_batch_on_the_hooked_layers():
         def before_batch(self, learn):
             if learn.training:
                 with torch.no_grad(): outs.append(F.relu(learn.model[0][0](learn.batch[0])))   # bypasses the hooked ReLU
-    TrainLearner(m, dls(), lr=0.0, cbs=[Grab(), astats]).fit(2)   # lr 0: the weights stay as they were
+    TrainLearner(m, dls(), F.mse_loss, lr=0.0, cbs=[Grab(), astats]).fit(2)   # lr 0: the weights stay as they were
     s = astats.stats()
     assert len(s) == 1 and len(s[0]['means']) == 10                # 5 batches x 2 epochs, validation not recorded
     torch.testing.assert_close(s[0]['means'], torch.stack([o.mean() for o in outs]))
@@ -109,9 +105,9 @@ def test_activation_stats_memory_is_bounded():
     astats.max_pending = 4
     class Pending(Callback):   # how many batches the hook keeps before turning them into rows
         order = 10
-        def after_batch(self, learn): self.most = max(getattr(self, 'most', 0), len(astats.hooks[0].pending))
+        def after_batch(self, learn): self.most = max(getattr(self, 'most', 0), len(astats.hooks[0].stats.pending))
     pending = Pending()
-    TrainLearner(model(), dls(n=200, bs=8), lr=0.01, cbs=[astats, pending]).fit(3)   # 75 batches, 25 per epoch
+    TrainLearner(model(), dls(n=200, bs=8), F.mse_loss, lr=0.01, cbs=[astats, pending]).fit(3)   # 75 batches, 25 per epoch
     assert pending.most == 3
     assert len(astats.stats()[0]['means']) <= 8
     rows = torch.arange(10.).repeat(3, 1).T   # (10, 3)
@@ -129,7 +125,7 @@ def test_hooks_removed_however_fit_ends(how):
                        'interrupt': KeyboardInterrupt()}[how]
     m = model()
     astats = ActivationStats()
-    learn = TrainLearner(m, dls(), lr=0.1, cbs=[astats])
+    learn = TrainLearner(m, dls(), F.mse_loss, lr=0.1, cbs=[astats])
     if how == 'cancel': learn.fit(1, cbs=[End()])
     else:
         with pytest.raises((ValueError, KeyboardInterrupt)): learn.fit(1, cbs=[End()])
@@ -139,31 +135,59 @@ def test_hooks_removed_however_fit_ends(how):
 
 def test_plots_draw_real_axes():
     astats = ActivationStats()
-    TrainLearner(model(), dls(), lr=0.1, cbs=[astats]).fit(1)
+    TrainLearner(model(), dls(), F.mse_loss, lr=0.1, cbs=[astats]).fit(1)
     assert len(astats.plot_stats()) == 2
     assert astats.color_dim().shape == (1, 3) and astats.dead_chart().shape == (1, 3)
 
 
-def test_clean_mem_outside_ipython_is_safe():
-    def fail():
-        big = torch.ones(1000)
-        fail.ref = weakref.ref(big)
-        raise RuntimeError
-    try: fail()
-    except RuntimeError: sys.last_type, sys.last_value, sys.last_traceback = sys.exc_info()
-    assert fail.ref() is not None
-    clean_mem()
-    assert fail.ref() is None and not hasattr(sys, 'last_traceback')
-    clean_tb()   # nothing left to clean: still fine
+def test_append_stats_get_hist_and_get_min_on_plain_hooks():
+    # the course's helpers: `append_stats` as the hook function of plain `Hooks`, then `get_hist` and `get_min`
+    # against each batch's `batch_stats` row and the course's formulas
+    g = torch.Generator().manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.ReLU())
+    xs = [torch.randn(bs, 1, 12, 12, generator=g) * s for bs, s in ((16, 1.), (16, 3.), (5, 0.2))]
+    with Hooks([m[1], m[3]], append_stats) as hooks, torch.no_grad():
+        for x in xs: m(x)
+    with torch.no_grad(): want = [[batch_stats(m[:i+2](x)) for x in xs] for i in (0, 2)]   # (42,) per batch, layer
+    for h, rows in zip(hooks, want):
+        rows = torch.stack(rows)                                                    # (3, 42)
+        assert isinstance(h.stats, LayerStats) and len(h.stats.pending) == 3       # not binned until read
+        torch.testing.assert_close(h.stats.means, rows[:, 0], rtol=1e-5, atol=1e-6)
+        assert h.stats.pending == []
+        torch.testing.assert_close(h.stats.stds, rows[:, 1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(get_hist(h), torch.stack([r[2:] for r in rows]).T.log1p())   # (40, 3)
+        hists = torch.stack([r[2:] for r in rows]).T                                             # (40, 3)
+        torch.testing.assert_close(get_min(h), hists[0] / hists.sum(0))
+    assert get_hist(hooks[0]).shape == (40, 3) and get_min(hooks[0]).shape == (3,)
+    with pytest.raises(ValueError, match='hook on Conv2d has no statistics'):
+        get_hist(Hook(m[0], lambda *a: None))
 
 
-def test_clean_mem_releases_a_failed_cells_tensors_in_a_real_kernel():
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in [
-        "import torch, weakref\nfrom miniai.activations import clean_mem\n"
-        "def fails():\n    big = torch.zeros(10_000_000)\n    fails.ref = weakref.ref(big)\n    raise RuntimeError('boom')",
-        "fails()",                                  # an uncaught error, as a user would get
-        "alive_before = fails.ref() is not None\nclean_mem()\nprint(alive_before, fails.ref() is not None)",
-    ]])
-    NotebookClient(nb, timeout=120, kernel_name='python3', allow_errors=True).execute()
-    assert nb.cells[1].outputs[0].output_type == 'error'
-    assert nb.cells[2].outputs[0].text.split() == ['True', 'False']
+def test_get_min_of_an_empty_histogram_is_zero():
+    h = Hook(nn.Identity(), append_stats)
+    h.module(torch.full((4, 3), 20.))                       # every value beyond the histogram's range
+    h.remove()
+    assert h.stats.hists.sum() == 0 and get_min(h).tolist() == [0.]
+
+
+def test_activation_stats_records_what_append_stats_records():
+    # the callback is `append_stats` on hooks managed by the learner: the same rows, and its plots read them with
+    # `get_hist` and `get_min`
+    torch.manual_seed(0)
+    m = model()
+    astats = ActivationStats(lambda mod: isinstance(mod, nn.ReLU))
+    TrainLearner(m, dls(), F.mse_loss, lr=0.0, cbs=[astats]).fit(1)
+    with Hooks([m[0][1]], append_stats) as hooks, torch.no_grad():
+        for xb, _ in dls().train: m(xb)
+    (h,) = astats.hooks
+    assert isinstance(h.stats, LayerStats) and h.stats.max_pending == 256
+    hooks[0].stats.flush()
+    assert len(h.stats.rows) == 5 and torch.equal(h.stats.rows, hooks[0].stats.rows)
+    assert torch.equal(astats.stats()[0]['hists'], hooks[0].stats.hists)
+    assert torch.equal(get_min(h), get_min(hooks[0]))
+    assert 'in_lr_find' not in vars(HooksCallback) and 'in_lr_find' not in vars(ActivationStats)
+
+
+def test_memory_helpers_are_still_importable_from_activations():
+    assert (clean_mem, clean_tb, clean_ipython_hist) == (miniai.memory.clean_mem, miniai.memory.clean_tb,
+                                                         miniai.memory.clean_ipython_hist)
