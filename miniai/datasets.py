@@ -14,18 +14,19 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
 import miniai
+# The image-grid helpers moved to miniai.plotting; importing them here keeps
+# `from miniai.datasets import show_images` working.
+from .plotting import get_grid, show_image, show_images, subplots
 
 # %% auto #0
 __all__ = ['FASHION_CLASSES', 'IDX_FILES', 'PROJECT_DIR', 'SYSTEM_DATA_DIR', 'SMOKE_SIZES', 'IDX_DTYPES', 'smoke_mode',
            'search_dirs', 'cache_dir', 'IDXError', 'read_idx', 'find_source', 'read_idx_split', 'fashion_mnist_arrays',
-           'load_fashion_mnist', 'show_image', 'subplots', 'get_grid', 'show_images', 'collate_dict', 'inplace',
-           'DataLoaders', 'TensorLoader', 'fashion_dls']
+           'load_fashion_mnist', 'collate_dict', 'inplace', 'DataLoaders', 'TensorLoader', 'fashion_dls']
 
 # %% ../notebooks/00_datasets.ipynb #c004
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -212,46 +213,6 @@ def load_fashion_mnist(smoke: bool | None = None):
         for split in list(dd): dd[split] = dd[split].select(range(min(SMOKE_SIZES[split], len(dd[split]))))
     return dd
 
-# %% ../notebooks/00_datasets.ipynb #c025
-def show_image(im, ax=None, figsize=None, title=None, noframe: bool = True, **kwargs):
-    "Show a PIL image, array or tensor (channels first or last) on `ax`, without axes."
-    if hasattr(im, 'detach'): im = im.detach().cpu()
-    im = np.asarray(im)
-    if im.ndim == 3 and im.shape[0] in (1, 3) and im.shape[-1] not in (1, 3): im = im.transpose(1, 2, 0)  # (C,H,W) -> (H,W,C)
-    if im.ndim == 3 and im.shape[-1] == 1: im = im[..., 0]   # (H, W, 1) -> (H, W)
-    if ax is None: _, ax = plt.subplots(figsize=figsize)
-    ax.imshow(im, **({'cmap': 'gray'} | kwargs) if im.ndim == 2 else kwargs)
-    if title is not None: ax.set_title(title)
-    ax.set_xticks([]); ax.set_yticks([])
-    if noframe: ax.axis('off')
-    return ax
-
-def subplots(nrows: int = 1, ncols: int = 1, figsize=None, imsize: float = 3, suptitle=None, **kwargs):
-    "`plt.subplots` with a figure size of `imsize` per panel; always returns an array of axes."
-    if figsize is None: figsize = (ncols*imsize, nrows*imsize)
-    fig, ax = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **kwargs)
-    if suptitle is not None: fig.suptitle(suptitle)
-    if nrows*ncols == 1: ax = ax[0, 0]
-    return fig, ax
-
-def get_grid(n: int, nrows: int | None = None, ncols: int | None = None, title=None,
-             weight: str = 'bold', size: int = 14, **kwargs):
-    "A figure with a near-square grid of at least `n` axes; the unused ones are hidden."
-    if nrows is None: nrows = int(math.sqrt(n)) if ncols is None else math.ceil(n/ncols)
-    if ncols is None: ncols = math.ceil(n/nrows)
-    fig, axs = subplots(nrows, ncols, **kwargs)
-    axs = np.array(axs).reshape(-1)
-    for ax in axs[n:]: ax.set_axis_off()
-    if title is not None: fig.suptitle(title, weight=weight, size=size)
-    return fig, axs[:n]
-
-def show_images(ims: Sequence, nrows: int | None = None, ncols: int | None = None, titles=None, **kwargs):
-    "Show a list of images on a grid, each with its title."
-    _, axs = get_grid(len(ims), nrows, ncols, **kwargs)
-    for i, (im, ax) in enumerate(zip(ims, axs)):
-        show_image(im, ax=ax, title=None if titles is None else titles[i])
-    return axs
-
 # %% ../notebooks/00_datasets.ipynb #c028
 class collate_dict:
     "Collate a list of dict items with `default_collate`, then return the dataset's columns as a tuple."
@@ -274,16 +235,16 @@ class DataLoaders:
         self.train, self.valid = dls[:2]
 
     @classmethod
-    def from_dd(cls, dd: Mapping, batch_size: int, **kwargs) -> 'DataLoaders':
-        "Loaders over the first two splits of `dd`, training shuffled, validation at twice the batch size."
+    def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
+        "Loaders over the first two splits of `dd` (validation at twice the batch size); tuple batches, or dicts."
         train, valid = list(dd.values())[:2]
-        f = collate_dict(train)
+        f = collate_dict(train) if as_tuple else default_collate   # (x, y) in the dataset's column order, or a dict
         return cls(DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=f, **kwargs),
                    DataLoader(valid, batch_size=batch_size*2, shuffle=False, collate_fn=f, **kwargs))
 
 # %% ../notebooks/00_datasets.ipynb #c031
 class TensorLoader:
-    "Batches `(x, y)` sliced from in-memory tensors; uint8 images are scaled to [0, 1] and normalised per batch."
+    "Batches `(x, y)` from in-memory tensors: uint8 scaled to [0, 1], then normalised by the given `mean` and `std`."
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
                  mean: float | None = None, std: float | None = None, device=None):
         if len(x) != len(y): raise ValueError(f"TensorLoader: {len(x)} inputs but {len(y)} targets")
@@ -308,7 +269,7 @@ class TensorLoader:
             yield self._prepare(xb), yb
 
 def fashion_dls(batch_size: int = 256, normalize: bool = True, device=None, smoke: bool | None = None) -> DataLoaders:
-    "Fashion-MNIST as in-memory `TensorLoader`s (train shuffled; test at twice the batch size)."
+    "Fashion-MNIST as in-memory `TensorLoader`s normalised with the training set's mean and std (test at 2x the batch)."
     arrays = fashion_mnist_arrays(smoke=False)   # read once: the statistics come from the full training set
     mean = std = None
     if normalize:

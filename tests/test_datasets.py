@@ -191,3 +191,32 @@ def test_collate_functions_pickle():
     assert x.shape == (1, 2) and y.tolist() == [3]
     g = pickle.loads(pickle.dumps(inplace(dict.clear)))
     assert g({'a': 1}) == {}
+
+
+def test_from_dd_batches_as_tuples_or_dicts():
+    from datasets import Dataset, DatasetDict
+    g = torch.Generator().manual_seed(0)
+    cols = {split: {'image': torch.rand(n, 1, 4, 4, generator=g).tolist(), 'label': list(range(n))}
+            for split, n in (('train', 10), ('test', 6))}
+    dd = DatasetDict({split: Dataset.from_dict(c).with_format('torch') for split, c in cols.items()})
+    tup, dic = DataLoaders.from_dd(dd, 2), DataLoaders.from_dd(dd, 2, as_tuple=False)
+    xb, yb = next(iter(tup.valid))                      # the validation loader is not shuffled: the first 4 items
+    b = next(iter(dic.valid))
+    assert isinstance(b, dict) and list(b) == ['image', 'label']
+    assert torch.equal(b['image'], xb) and torch.equal(b['label'], yb) and yb.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(xb, torch.tensor(cols['test']['image'][:4]))
+    torch.manual_seed(0); t = torch.cat([y for _, y in tup.train])
+    torch.manual_seed(0); d = torch.cat([b['label'] for b in dic.train])
+    assert torch.equal(t, d) and sorted(t.tolist()) == list(range(10))   # the same shuffle either way
+
+
+@needs_data
+def test_fashion_dls_normalises_with_the_training_sets_statistics_not_per_batch():
+    full = fashion_mnist_arrays(smoke=False)['train'][0]                 # (60000, 28, 28) uint8
+    mean, std = float(full.mean()/255.), float(full.std()/255.)
+    dls = fashion_dls(64, smoke=True)
+    assert (dls.train.mean, dls.train.std) == (dls.valid.mean, dls.valid.std) == (mean, std)
+    xb, _ = next(iter(dls.valid))                                        # (128, 1, 28, 28), the first test images
+    x = torch.from_numpy(fashion_mnist_arrays(smoke=True)['test'][0][:128].copy())
+    torch.testing.assert_close(xb, ((x.float()/255. - mean)/std)[:, None])
+    assert abs(float(xb.mean())) > 1e-3 and abs(float(xb.std()) - 1) > 1e-3   # not this batch's own statistics
