@@ -28,19 +28,17 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.activations import ActivationStats
 from miniai.datasets import DataLoaders, fashion_dls, inplace, load_fashion_mnist
-from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner, def_device, set_seed
+from miniai import experiment
+from miniai.callbacks import DeviceCB, MetricsCB, ProgressCB
+from miniai.device import def_device, set_seed
+from miniai.learner import TrainLearner
 
 BS, LR = 256, 0.1
 
 
-def conv(ni, nf, act=True):
-    layers = [nn.Conv2d(ni, nf, 3, stride=2, padding=1, bias=not act)]
-    if act: layers += [nn.BatchNorm2d(nf), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
 def get_model():
-    return nn.Sequential(conv(1, 8), conv(8, 16), conv(16, 32), conv(32, 64), conv(64, 10, act=False), nn.Flatten())
+    "The lessons' CNN with BatchNorm after each convolution (from miniai.experiment)."
+    return experiment.get_model(norm=nn.BatchNorm2d)
 
 
 def opt_func(params, lr): return optim.SGD(params, lr=lr, momentum=0.9)

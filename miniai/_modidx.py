@@ -187,8 +187,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'miniai.init._LSUVFailure': ('initializing.html#_lsuvfailure', 'miniai/init.py'),
                              'miniai.init._layer_name': ('initializing.html#_layer_name', 'miniai/init.py'),
                              'miniai.init._output_stats': ('initializing.html#_output_stats', 'miniai/init.py'),
-                             'miniai.init.conv': ('initializing.html#conv', 'miniai/init.py'),
-                             'miniai.init.get_model': ('initializing.html#get_model', 'miniai/init.py'),
                              'miniai.init.init_weights': ('initializing.html#init_weights', 'miniai/init.py'),
                              'miniai.init.lsuv_init': ('initializing.html#lsuv_init', 'miniai/init.py'),
                              'miniai.init.plot_func': ('initializing.html#plot_func', 'miniai/init.py')},

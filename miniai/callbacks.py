@@ -124,6 +124,7 @@ class ProgressCB(Callback):
     order = MetricsCB.order + 1
     def __init__(self, plot: bool = False, updates_per_epoch: int = 4):
         self.plot, self.updates_per_epoch = plot, updates_per_epoch
+        self.mbar, self._logger, self._pending, self.losses = None, None, [], []
 
     def before_fit(self, learn: Learner) -> None:
         self._logger, learn.logger = learn.logger, self.log_row   # the learner's rows now go to our table
@@ -182,5 +183,5 @@ class ProgressCB(Callback):
 
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()
-        learn.logger = self._logger
+        if learn.logger == self.log_row: learn.logger = self._logger   # unless before_fit never got to swap it
         if self.mbar is not None: self.mbar.on_iter_end()

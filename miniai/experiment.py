@@ -49,8 +49,9 @@ def result_row(technique: str, accuracies: Sequence[float], seeds: Sequence[int]
     "One results row: mean test accuracy over `seeds`, its spread (sample standard deviation), epochs and seconds."
     accuracies, seeds = [float(a) for a in accuracies], [int(s) for s in seeds]
     if len(accuracies) != len(seeds): raise ValueError(f"{technique}: {len(accuracies)} accuracies for {len(seeds)} seeds")
-    return {'technique': technique, 'accuracy': statistics.fmean(accuracies),
-            'spread': statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+    mean = math.fsum(accuracies)/len(accuracies)                                   # NaN if a run diverged
+    spread = math.sqrt(math.fsum((a - mean)**2 for a in accuracies)/(len(accuracies) - 1)) if len(accuracies) > 1 else 0.0
+    return {'technique': technique, 'accuracy': mean, 'spread': spread,   # spread: sample standard deviation
             'accuracies': accuracies, 'seeds': seeds, 'epochs': epochs,
             'train_seconds': statistics.fmean(train_seconds),   # training time of one seed's run (validation excluded)
             'epoch_time': statistics.fmean(epoch_times) if epoch_times else statistics.fmean(train_seconds)/epochs,
@@ -60,7 +61,7 @@ def run(technique: str, build: Callable[[], nn.Module], dls: Any, *, epochs: int
         seeds: Sequence[int] = (42,), learner: type[Learner] = MomentumLearner, opt_func: Callable = optim.SGD,
         loss_func: Callable = F.cross_entropy, cbs: Callback | Sequence[Callback] | Callable[[], Sequence[Callback]] = (),
         progress: bool = True, plot: bool = False, quiet: bool = False, **learner_kwargs: Any) -> dict:
-    "Seed, `build()` and train for `epochs`, once per seed; return one results row (see `result_row`)."
+    "Seed, `build()` and train for `epochs`, once per seed; one results row, with the last `learn` and its `history`."
     accs, train_secs, epoch_secs, learn = [], [], [], None
     for seed in seeds:
         set_seed(seed)
@@ -70,15 +71,16 @@ def run(technique: str, build: Callable[[], nn.Module], dls: Any, *, epochs: int
         all_cbs = [DeviceCB(), metrics, *([ProgressCB(plot=plot)] if progress and not quiet else []), *extra]
         learn = learner(model, dls, loss_func, lr=lr, cbs=all_cbs, opt_func=opt_func, **learner_kwargs)
         if quiet: learn.logger = None
-        try:
-            learn.fit(epochs)
-            acc = metrics.history[-1]['accuracy']
+        else: print(f"{technique}, seed {seed}")   # labels each run's table
+        try: learn.fit(epochs)
         except FloatingPointError as e:          # the loss became NaN: the row says so instead of stopping the lesson
             print(f"{technique}, seed {seed}: diverged ({e})")
-            acc = math.nan
+        valid = [r for r in metrics.history if not r['train']]
+        if len(valid) < epochs: print(f"{technique}, seed {seed}: stopped after {len(valid)} of {epochs} epochs")
+        acc = valid[-1]['accuracy'] if len(valid) == epochs else math.nan   # NaN: the run did not finish
         times = [r['time'] for r in metrics.history if r['train']]
         accs.append(acc); train_secs.append(sum(times)); epoch_secs += times
-    return result_row(technique, accs, seeds, epochs, train_secs, epoch_secs, learn=learn)
+    return result_row(technique, accs, seeds, epochs, train_secs, epoch_secs, learn=learn, history=metrics.history)
 
 def _fmt_acc(r: Mapping) -> str:
     "Mean accuracy, with ± spread when there are several seeds."

@@ -13,30 +13,13 @@ from torch import nn
 from torch.nn import init
 
 from .activations import Hook
-from .learner import def_device, frozen_bn_stats
+from .device import def_device
+from .learner import frozen_bn_stats
+# the lessons' CNN builders live in miniai.experiment; `from miniai.init import conv, get_model` keeps working
+from .experiment import conv, get_model
 
 # %% auto #0
-__all__ = ['conv', 'get_model', 'init_weights', 'GeneralRelu', 'plot_func', 'LSUVResult', 'lsuv_init']
-
-# %% ../notebooks/03_initializing.ipynb #c052
-_MEAN_REMOVING_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act: Callable | None = nn.ReLU,
-         norm: Callable | None = None, bias: bool | None = None) -> nn.Sequential:
-    "Conv2d (`ks`, `stride`, padding ks//2), then `norm(nf)`, then `act()` (each if given); `bias=None`: auto."
-    norm_layer = norm(nf) if norm else None
-    if bias is None: bias = not isinstance(norm_layer, _MEAN_REMOVING_NORMS)   # a bias before BatchNorm is wasted
-    layers = [nn.Conv2d(ni, nf, kernel_size=ks, stride=stride, padding=ks//2, bias=bias)]
-    if norm_layer is not None: layers.append(norm_layer)
-    if act: layers.append(act())
-    return nn.Sequential(*layers)
-
-def get_model(act: Callable = nn.ReLU, nfs: list[int] | None = None, norm: Callable | None = None) -> nn.Sequential:
-    "Stride-2 `conv` blocks through channels `nfs` (default 1,8,16,32,64), a last conv to 10 logits, and Flatten."
-    if nfs is None: nfs = [1, 8, 16, 32, 64]
-    layers = [conv(nfs[i], nfs[i+1], act=act, norm=norm) for i in range(len(nfs) - 1)]
-    # the last block maps to the 10 class logits: no activation, no norm, a bias
-    return nn.Sequential(*layers, conv(nfs[-1], 10, act=None, norm=None, bias=True), nn.Flatten()).to(def_device)
+__all__ = ['init_weights', 'GeneralRelu', 'plot_func', 'LSUVResult', 'lsuv_init']
 
 # %% ../notebooks/03_initializing.ipynb #c057
 def init_weights(m: nn.Module, leaky: float = 0.) -> None:

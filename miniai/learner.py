@@ -15,7 +15,7 @@ from .callback import (Callback, CancelBatchException, CancelEpochException, Can
 from .device import def_device, set_seed, to_cpu, to_device
 from .callbacks import (BatchSchedCB, BatchTransformCB, DeviceCB, MetricsCB, ProgressCB, SingleBatchCB,
                               epoch_times, format_row)
-from .lrfind import LRFinderCB, LRFindResult, lr_find, plot_lr_find
+from .lrfind import RECORDING_CBS, LRFinderCB, LRFindResult, lr_find, plot_lr_find
 # Everything imported above can still be imported from `miniai.learner`, where it all lived before the library was
 # split by concern: code written against the old layout (and the course's `from miniai.learner import ...`) runs.
 
@@ -88,19 +88,18 @@ class Learner:
     @contextmanager
     def added_cbs(self, cbs: Callback | Iterable[Callback] | None) -> Iterator[None]:
         "Within the block, `cbs` are added to the learner's callbacks; afterwards they are removed again."
-        cbs = _as_list(cbs)
-        self.cbs += cbs
+        saved = list(self.cbs)
+        self.cbs = saved + _as_list(cbs)
         try: yield
-        finally:
-            for cb in cbs: self.cbs.remove(cb)
+        finally: self.cbs = saved
 
     @contextmanager
     def removed_cbs(self, cbs: Callback | Iterable[Callback] | None) -> Iterator[None]:
         "Within the block, `cbs` are taken out of the learner's callbacks; afterwards they are back in their places."
         cbs, saved = _as_list(cbs), list(self.cbs)
-        self.cbs = [cb for cb in self.cbs if not any(cb is c for c in cbs)]
+        self.cbs = [cb for cb in saved if not any(cb is c for c in cbs)]
         try: yield
-        finally: self.cbs = saved + [cb for cb in self.cbs if not any(cb is s for s in saved)]
+        finally: self.cbs = saved
 
     @contextmanager
     def _stage(self, name: str, cancel: type[Exception]) -> Iterator[None]:
@@ -179,9 +178,10 @@ class Learner:
             finally: self.training = False   # the model stays in the mode of the last phase (eval after validation)
 
     def lr_find(self, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
-                plot: bool = True) -> LRFindResult:
+                plot: bool = True, skip: tuple[type, ...] = RECORDING_CBS) -> LRFindResult:
         "Sweep the learning rate up by `gamma` per batch until the loss diverges; the model is restored afterwards."
-        return lr_find(self, gamma=gamma, max_mult=max_mult, start_lr=start_lr, max_epochs=max_epochs, plot=plot)
+        return lr_find(self, gamma=gamma, max_mult=max_mult, start_lr=start_lr, max_epochs=max_epochs, plot=plot,
+                       skip=skip)
 
 # %% ../notebooks/01_learner.ipynb #c015
 class TrainCB(Callback):

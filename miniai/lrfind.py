@@ -36,6 +36,7 @@ class LRFinderCB(Callback):
     "Multiply the learning rate by `gamma` after each training batch; stop when the loss diverges; plot at the end."
     def __init__(self, gamma: float = 1.3, max_mult: float = 3, plot: bool = True):
         self.gamma, self.max_mult, self.plot = gamma, max_mult, plot
+        self.lrs, self.losses, self.min, self.suggestion = [], [], math.inf, None
 
     def before_fit(self, learn: Learner) -> None:
         self.lrs, self.losses, self.min, self.suggestion = [], [], math.inf, None

@@ -1,4 +1,4 @@
-"""The library is what the notebooks export: re-export into a scratch copy and compare file by file.
+"""The library is what the notebooks export: re-export (twice) into a scratch copy and compare file by file.
 
 Also checks the house rules for library modules: no star imports, no `globals()` lookups, no `__getattr__`
 forwarding, and a docstring on every public function and class.
@@ -29,7 +29,11 @@ def test_library_matches_notebook_export(tmp_path):
     (tmp_path/'miniai').mkdir()
     shutil.copy(LIB/'__init__.py', tmp_path/'miniai'/'__init__.py')
     subprocess.run([sys.executable, 'tools/export.py'], cwd=tmp_path, check=True, capture_output=True, text=True)
+    first = _tree(tmp_path/'miniai')
+    # a second run, over the modules the first one wrote, gives the same files (nothing appended twice)
+    subprocess.run([sys.executable, 'tools/export.py'], cwd=tmp_path, check=True, capture_output=True, text=True)
     want, got = _tree(tmp_path/'miniai'), _tree(LIB)
+    assert want == first, f"a second export changed {sorted(k for k in want if want[k] != first.get(k))}"
     assert sorted(want) == sorted(got), f"modules differ: exported {sorted(want)}, committed {sorted(got)}"
     drift = [name for name in want if want[name] != got[name]]
     assert not drift, f"miniai/ differs from the notebooks' export in {drift}: run `uv run python tools/export.py`"

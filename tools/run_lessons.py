@@ -8,13 +8,20 @@ is the notebook written back — to a temporary file first, then moved over the 
 with nbdev-clean — so a failure never leaves a notebook half-written. A failure stops the run and names the notebook,
 the cell and the error.
 
-The closing table of each lesson (`miniai.learner.show_results`) carries its rows as JSON; after the run, this script
+The closing table of each lesson (`miniai.experiment.show_results`) carries its rows as JSON; after the run, this script
 collects the rows of every committed notebook into `results/results.md` and draws `results/accuracy.png`.
+
+Before a notebook is written back its outputs are tidied for readers: fastprogress shows each table as HTML and also
+as a Markdown copy (a ```html block) and a plain-text copy of the raw HTML, plus a `<style>` block before the first
+one; the Markdown copy and the style block are dropped and the plain-text copy becomes an aligned text table, so
+no viewer shows raw HTML.
 """
 import argparse
-import json
+import html
+import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -23,11 +30,12 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbdev.clean import clean_nb
 
+from miniai.experiment import RESULTS_MIME
+
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'notebooks'
 RESULTS = ROOT/'results'
-RESULTS_MIME = 'application/vnd.miniai.results+json'
-MACHINE_MIME = 'application/vnd.miniai.machine+json'
+BUDGET_S = 35*60   # the whole full run, every lesson
 
 
 def lessons() -> list[Path]:
@@ -45,6 +53,30 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'
     return {'cpu': cpu, 'cores': os.cpu_count(), 'gpu': gpu, 'torch': torch.__version__,
             'python': platform.python_version(), 'os': f'{platform.system()} {platform.release()}'}
+
+
+def _text_table(table_html: str) -> str:
+    "An HTML table (fastprogress's) as aligned plain text."
+    rows = [[html.unescape(re.sub(r'<[^>]+>', '', c)).strip() for c in re.findall(r'<t[hd][^>]*>(.*?)</t[hd]>', tr, re.S)]
+            for tr in re.findall(r'<tr[^>]*>(.*?)</tr>', table_html, re.S)]
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows), default=0))]
+    return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def tidy_outputs(nb) -> None:
+    "Drop fastprogress's Markdown and style copies of its tables; its plain-text copy becomes a text table."
+    for cell in nb.cells:
+        if cell.cell_type != 'code': continue
+        kept = []
+        for o in cell.outputs:
+            data = o.get('data', {})
+            page = data.get('text/html', '')
+            if o.output_type == 'display_data' and page.lstrip().startswith('<style') and '<table' not in page:
+                continue                                                      # the CSS for the progress bars
+            if data.get('text/markdown', '').startswith('```html'): del data['text/markdown']
+            if '<table class="fastprogress">' in page: data['text/plain'] = _text_table(page)
+            kept.append(o)
+        cell.outputs = kept
 
 
 def run_one(path: Path, timeout: int) -> float:
@@ -66,6 +98,7 @@ def run_one(path: Path, timeout: int) -> float:
         if env_smoke is not None: os.environ['MINIAI_SMOKE'] = env_smoke
     took = time.perf_counter() - t0
     nb.metadata['miniai'] = {'full_run_seconds': round(took, 1)}
+    tidy_outputs(nb)
     tmp = path.with_name(f'.{path.name}.tmp')
     clean_nb(nb, allowed_metadata_keys=['miniai'])   # nbdev's clean: no execution counts or kernel metadata churn
     nbformat.write(nb, tmp)
@@ -82,8 +115,14 @@ def collect() -> list[dict]:
             for o in c.get('outputs', []) if c.cell_type == 'code' else []:
                 if o.output_type == 'display_data' and RESULTS_MIME in o.get('data', {}):
                     payload = o['data'][RESULTS_MIME]
-                    out += [{'lesson': payload['lesson'], **r} for r in payload['rows']]
+                    out += [{**r, 'lesson': path.stem} for r in payload['rows']]
     return out
+
+
+def _acc(r: dict) -> str:
+    "Mean test accuracy, with ± the spread over seeds when there are several."
+    if r['accuracy'] is None: return 'diverged'
+    return f"{r['accuracy']:.4f} ± {r['spread']:.4f}" if len(r['seeds']) > 1 else f"{r['accuracy']:.4f}"
 
 
 def write_results(rows: list[dict], info: dict, seconds: dict) -> None:
@@ -100,19 +139,33 @@ def write_results(rows: list[dict], info: dict, seconds: dict) -> None:
         lines += ['| notebook | full run (s) |', '|---|---:|']
         lines += [f'| {k} | {v:.0f} |' for k, v in seconds.items()]
         lines += [f'| **all {len(seconds)} notebooks** | **{sum(seconds.values()):.0f}** '
-                  f'({sum(seconds.values())/60:.1f} min) |', '']
-    lines += ['| lesson | technique | test accuracy | train time per epoch (s) |', '|---|---|---:|---:|']
-    lines += [f"| {r['lesson']} | {r['technique']} | {r['accuracy']:.4f} | {r['epoch_time']:.2f} |" for r in rows]
-    lines += ['', '![Final test accuracy of every technique](accuracy.png)', '']
+                  f'({sum(seconds.values())/60:.1f} min; budget {BUDGET_S//60} min) |', '']
+    lines += ['Test accuracy is the mean over the seeds listed, ± their sample standard deviation; training seconds are '
+              'those of one seed\'s run (the training epochs, without evaluation).', '',
+              '| lesson | technique | test accuracy | seeds | epochs | training s | s per epoch |',
+              '|---|---|---:|---|---:|---:|---:|']
+    lines += [f"| {r['lesson']} | {r['technique']} | {_acc(r)} | {', '.join(map(str, r['seeds']))} | {r['epochs']} | "
+              f"{r['train_seconds']:.1f} | {r['epoch_time']:.2f} |" for r in rows]
+    shown = [r for r in rows if r['accuracy'] is not None and r['accuracy'] >= 0.5]
+    left_out = [r for r in rows if r not in shown]
+    if left_out:
+        lines += ['', 'Left out of the figure (below 0.5, or diverged): ' +
+                  '; '.join(f"{r['lesson']} {r['technique']} ({_acc(r)})" for r in left_out) + '.']
+    lines += ['', '![Test accuracy of every technique, mean and spread over seeds](accuracy.png)', '']
     (RESULTS/'results.md').write_text('\n'.join(lines))
-    fig, ax = plt.subplots(figsize=(10, 0.28*len(rows) + 1.2))
-    labels = [f"{r['lesson'].split('_', 1)[-1]}: {r['technique']}" for r in rows]
-    ax.barh(range(len(rows)), [r['accuracy'] for r in rows],
-            color=[f"C{sorted({r['lesson'] for r in rows}).index(r['lesson'])}" for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7); ax.invert_yaxis()
-    lo = min(r['accuracy'] for r in rows)
-    ax.set_xlim(max(0, lo - 0.02), 1.0); ax.set_xlabel('test accuracy'); ax.grid(axis='x', alpha=0.3)
-    ax.set_title('Final test accuracy, every technique of every lesson')
+    lessons = list(dict.fromkeys(r['lesson'] for r in shown))
+    fig, ax = plt.subplots(figsize=(10, 0.3*len(shown) + 1.5))
+    for i, r in enumerate(shown):
+        color = f"C{lessons.index(r['lesson']) % 10}"
+        accs = [a for a in r['accuracies'] if a is not None]
+        ax.scatter(accs, [i] * len(accs), s=12, color=color, alpha=0.5)
+        ax.errorbar(r['accuracy'], i, xerr=r['spread'] if len(accs) > 1 else None, fmt='o', color=color, capsize=3)
+    ax.set_yticks(range(len(shown)), [f"{r['lesson'].split('_', 1)[-1]}: {r['technique']}" for r in shown], fontsize=7)
+    ax.invert_yaxis()
+    lo = min(min(a for a in r['accuracies'] if a is not None) for r in shown)
+    ax.set_xlim(lo - 0.01, max(r['accuracy'] + r['spread'] for r in shown) + 0.01)
+    ax.set_xlabel('test accuracy (dots: seeds; marker and bar: mean ± sd)'); ax.grid(axis='x', alpha=0.3)
+    ax.set_title('Test accuracy of every technique, by lesson')
     fig.savefig(RESULTS/'accuracy.png', dpi=80, bbox_inches='tight'); plt.close(fig)
 
 
