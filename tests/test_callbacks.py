@@ -192,8 +192,6 @@ def test_progress_restores_the_logger_when_fit_raises(where):
     assert learn.logger == rows.append
 
 
-@pytest.mark.xfail(strict=True, reason="ProgressCB.cleanup_fit assumes its before_fit ran: when an earlier callback's "
-                   "before_fit raises, cleanup_fit raises AttributeError ('_pending') and hides the original error")
 def test_progress_cleanup_after_an_earlier_before_fit_failed():
     class Boom(Callback):
         order = -1

@@ -148,8 +148,6 @@ def test_run_records_nan_when_a_callback_stops_the_fit():
     assert math.isnan(row['accuracy']) and row['learn'].cbs[-1].diverged == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="result_row: statistics.stdev of a list holding NaN "
-                   "raises AttributeError ('float' object has no attribute 'numerator') on Python 3.11")
 def test_run_goes_on_after_a_diverged_seed(capsys):
     build, built = _nan_first_build()
     dls = class_dls()
@@ -160,8 +158,6 @@ def test_run_goes_on_after_a_diverged_seed(capsys):
     assert math.isnan(row['accuracy']) and math.isnan(row['spread']) and row['learn'].model is built[1]
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="statistics.stdev of a list holding NaN raises "
-                   "AttributeError on Python 3.11")
 def test_result_row_with_a_nan_accuracy_has_a_nan_spread():
     row = result_row('half diverged', [math.nan, 0.8], [1, 2], 1, [1.0, 1.0])
     assert math.isnan(row['accuracy']) and math.isnan(row['spread'])

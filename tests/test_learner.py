@@ -157,8 +157,6 @@ def test_added_cbs_restores_the_list_also_on_error():
     with learn.added_cbs(None): assert learn.cbs == [a, b, c, d]
 
 
-@pytest.mark.xfail(strict=True, reason="added_cbs removes the first occurrence: a callback the learner already has, "
-                   "added again, moves to the end of the list afterwards")
 def test_added_cbs_of_a_callback_already_present_restores_the_order():
     (a, b, c, d), learn = _four()
     with learn.added_cbs(a): pass

@@ -152,8 +152,6 @@ def test_lr_finder_cb_without_plot_and_lr_find_plot():
     assert len(plt.get_fignums()) == 1 and list(plt.gcf().axes[0].lines[0].get_ydata()) == res.losses
 
 
-@pytest.mark.xfail(strict=True, reason="LRFinderCB.cleanup_fit assumes its before_fit ran: when an earlier callback's "
-                   "before_fit raises, cleanup_fit raises AttributeError ('lrs') and hides the original error")
 def test_lr_find_when_an_earlier_before_fit_fails():
     class Boom(Callback):
         order = -1
