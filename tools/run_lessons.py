@@ -115,7 +115,9 @@ def collect() -> list[dict]:
             for o in c.get('outputs', []) if c.cell_type == 'code' else []:
                 if o.output_type == 'display_data' and RESULTS_MIME in o.get('data', {}):
                     payload = o['data'][RESULTS_MIME]
-                    out += [{**r, 'lesson': path.stem} for r in payload['rows']]
+                    # rows saved before every row carried seeds, spread, epochs and seconds read as one unnamed seed
+                    out += [{'seeds': [], 'spread': 0.0, 'epochs': 0, 'train_seconds': math.nan,
+                             'accuracies': [r['accuracy']], **r, 'lesson': path.stem} for r in payload['rows']]
     return out
 
 
