@@ -236,7 +236,7 @@ class ActivationStats(HooksCallback):
         fig, axs, hooks = self._layer_axes(figsize, 'Histogram of activations over training (brighter = more)',
                                            '|activation|')
         for ax, h in zip(axs[0], hooks):
-            ax.imshow(get_hist(h).numpy(), origin='lower', aspect='auto', extent=(0, len(h.stats.rows), 0, HIST_MAX))
+            ax.imshow(get_hist(h).numpy(), origin='lower', aspect='auto', interpolation='nearest', extent=(0, len(h.stats.rows), 0, HIST_MAX))
         fig.tight_layout()
         return axs
 

@@ -24,9 +24,77 @@ import miniai
 from .plotting import get_grid, show_image, show_images, subplots
 
 # %% auto #0
-__all__ = ['FASHION_CLASSES', 'IDX_FILES', 'PROJECT_DIR', 'SYSTEM_DATA_DIR', 'SMOKE_SIZES', 'IDX_DTYPES', 'smoke_mode',
-           'search_dirs', 'cache_dir', 'IDXError', 'read_idx', 'find_source', 'read_idx_split', 'fashion_mnist_arrays',
-           'load_fashion_mnist', 'collate_dict', 'inplace', 'DataLoaders', 'TensorLoader', 'fashion_dls']
+__all__ = ['FASHION_CLASSES', 'IDX_FILES', 'PROJECT_DIR', 'SYSTEM_DATA_DIR', 'SMOKE_SIZES', 'IDX_DTYPES', 'collate_dict',
+           'inplace', 'DataLoaders', 'TensorLoader', 'fashion_dls', 'smoke_mode', 'search_dirs', 'cache_dir',
+           'IDXError', 'read_idx', 'find_source', 'read_idx_split', 'fashion_mnist_arrays', 'load_fashion_mnist']
+
+# %% ../notebooks/00_datasets.ipynb #c028
+class collate_dict:
+    "Collate a list of dict items with `default_collate`, then return the dataset's columns as a tuple."
+    def __init__(self, ds): self.keys = list(ds.features)
+    def __call__(self, batch: list) -> tuple:
+        b = default_collate(batch)
+        return tuple(b[k] for k in self.keys)
+
+class inplace:
+    "Wrap `f`, which edits a batch in place, so that it also returns the batch (for `with_transform`)."
+    def __init__(self, f): self.f = f
+    def __call__(self, b):
+        self.f(b)
+        return b
+
+class DataLoaders:
+    "A training and a validation loader, as `.train` and `.valid`."
+    def __init__(self, *dls):
+        if len(dls) < 2: raise ValueError(f"DataLoaders needs a training and a validation loader, got {len(dls)}")
+        self.train, self.valid = dls[:2]
+
+    @classmethod
+    def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
+        "Loaders over the first two splits of `dd` (validation at twice the batch size); tuple batches, or dicts."
+        train, valid = list(dd.values())[:2]
+        f = collate_dict(train) if as_tuple else default_collate   # (x, y) in the dataset's column order, or a dict
+        return cls(DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=f, **kwargs),
+                   DataLoader(valid, batch_size=batch_size*2, shuffle=False, collate_fn=f, **kwargs))
+
+# %% ../notebooks/00_datasets.ipynb #c031
+class TensorLoader:
+    "Batches `(x, y)` from in-memory tensors: uint8 scaled to [0, 1], then normalised by the given `mean` and `std`."
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 mean: float | None = None, std: float | None = None, device=None):
+        if len(x) != len(y): raise ValueError(f"TensorLoader: {len(x)} inputs but {len(y)} targets")
+        device = x.device if device is None else torch.device(device)
+        self.x, self.y = x.to(device), y.to(device)   # (N, H, W) uint8, (N,) int64
+        self.batch_size, self.shuffle, self.mean, self.std = batch_size, shuffle, mean, std
+
+    def __len__(self) -> int: return math.ceil(len(self.x)/self.batch_size)
+
+    def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
+        "Turn a slice of stored images into a float batch with a channel axis."
+        xb = xb.float().div_(255.) if xb.dtype == torch.uint8 else xb.float()
+        if self.mean is not None: xb = xb.sub_(self.mean).div_(self.std)
+        return xb[:, None] if xb.ndim == 3 else xb   # (B, H, W) -> (B, 1, H, W)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, bs = len(self.x), self.batch_size
+        idx = torch.randperm(n).to(self.x.device) if self.shuffle else None
+        for i in range(0, n, bs):
+            if idx is None: xb, yb = self.x[i:i+bs], self.y[i:i+bs]
+            else: xb, yb = self.x[idx[i:i+bs]], self.y[idx[i:i+bs]]
+            yield self._prepare(xb), yb
+
+def fashion_dls(batch_size: int = 256, normalize: bool = True, device=None, smoke: bool | None = None) -> DataLoaders:
+    "Fashion-MNIST as in-memory `TensorLoader`s normalised with the training set's mean and std (test at 2x the batch)."
+    arrays = fashion_mnist_arrays(smoke=False)   # read once: the statistics come from the full training set
+    mean = std = None
+    if normalize:
+        full = arrays['train'][0]                                    # (60000, 28, 28) uint8
+        mean, std = float(full.mean()/255.), float(full.std()/255.)
+    if smoke_mode() if smoke is None else smoke: arrays = _smoke_subset(arrays)
+    (xt, yt), (xv, yv) = arrays['train'], arrays['test']
+    xt, yt, xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (xt, yt, xv, yv))
+    return DataLoaders(TensorLoader(xt, yt, batch_size, shuffle=True, mean=mean, std=std, device=device),
+                       TensorLoader(xv, yv, batch_size*2, mean=mean, std=std, device=device))
 
 # %% ../notebooks/00_datasets.ipynb #c004
 FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -212,71 +280,3 @@ def load_fashion_mnist(smoke: bool | None = None):
     if smoke_mode() if smoke is None else smoke:
         for split in list(dd): dd[split] = dd[split].select(range(min(SMOKE_SIZES[split], len(dd[split]))))
     return dd
-
-# %% ../notebooks/00_datasets.ipynb #c028
-class collate_dict:
-    "Collate a list of dict items with `default_collate`, then return the dataset's columns as a tuple."
-    def __init__(self, ds): self.keys = list(ds.features)
-    def __call__(self, batch: list) -> tuple:
-        b = default_collate(batch)
-        return tuple(b[k] for k in self.keys)
-
-class inplace:
-    "Wrap `f`, which edits a batch in place, so that it also returns the batch (for `with_transform`)."
-    def __init__(self, f): self.f = f
-    def __call__(self, b):
-        self.f(b)
-        return b
-
-class DataLoaders:
-    "A training and a validation loader, as `.train` and `.valid`."
-    def __init__(self, *dls):
-        if len(dls) < 2: raise ValueError(f"DataLoaders needs a training and a validation loader, got {len(dls)}")
-        self.train, self.valid = dls[:2]
-
-    @classmethod
-    def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
-        "Loaders over the first two splits of `dd` (validation at twice the batch size); tuple batches, or dicts."
-        train, valid = list(dd.values())[:2]
-        f = collate_dict(train) if as_tuple else default_collate   # (x, y) in the dataset's column order, or a dict
-        return cls(DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=f, **kwargs),
-                   DataLoader(valid, batch_size=batch_size*2, shuffle=False, collate_fn=f, **kwargs))
-
-# %% ../notebooks/00_datasets.ipynb #c031
-class TensorLoader:
-    "Batches `(x, y)` from in-memory tensors: uint8 scaled to [0, 1], then normalised by the given `mean` and `std`."
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 mean: float | None = None, std: float | None = None, device=None):
-        if len(x) != len(y): raise ValueError(f"TensorLoader: {len(x)} inputs but {len(y)} targets")
-        device = x.device if device is None else torch.device(device)
-        self.x, self.y = x.to(device), y.to(device)   # (N, H, W) uint8, (N,) int64
-        self.batch_size, self.shuffle, self.mean, self.std = batch_size, shuffle, mean, std
-
-    def __len__(self) -> int: return math.ceil(len(self.x)/self.batch_size)
-
-    def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
-        "Turn a slice of stored images into a float batch with a channel axis."
-        xb = xb.float().div_(255.) if xb.dtype == torch.uint8 else xb.float()
-        if self.mean is not None: xb = xb.sub_(self.mean).div_(self.std)
-        return xb[:, None] if xb.ndim == 3 else xb   # (B, H, W) -> (B, 1, H, W)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.x), self.batch_size
-        idx = torch.randperm(n).to(self.x.device) if self.shuffle else None
-        for i in range(0, n, bs):
-            if idx is None: xb, yb = self.x[i:i+bs], self.y[i:i+bs]
-            else: xb, yb = self.x[idx[i:i+bs]], self.y[idx[i:i+bs]]
-            yield self._prepare(xb), yb
-
-def fashion_dls(batch_size: int = 256, normalize: bool = True, device=None, smoke: bool | None = None) -> DataLoaders:
-    "Fashion-MNIST as in-memory `TensorLoader`s normalised with the training set's mean and std (test at 2x the batch)."
-    arrays = fashion_mnist_arrays(smoke=False)   # read once: the statistics come from the full training set
-    mean = std = None
-    if normalize:
-        full = arrays['train'][0]                                    # (60000, 28, 28) uint8
-        mean, std = float(full.mean()/255.), float(full.std()/255.)
-    if smoke_mode() if smoke is None else smoke: arrays = _smoke_subset(arrays)
-    (xt, yt), (xv, yv) = arrays['train'], arrays['test']
-    xt, yt, xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (xt, yt, xv, yv))
-    return DataLoaders(TensorLoader(xt, yt, batch_size, shuffle=True, mean=mean, std=std, device=device),
-                       TensorLoader(xv, yv, batch_size*2, mean=mean, std=std, device=device))
