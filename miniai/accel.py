@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .activations import HooksCallback
 from .datasets import DataLoaders, TensorLoader
-from .learner import Callback, Learner, LRFinderCB, MetricsCB, TrainCB
+from .learner import Callback, DeviceCB, Learner, LRFinderCB, MetricsCB, TrainCB
 
 # %% auto #0
 __all__ = ['HALF_TYPES', 'WORLD_SIZE_VARS', 'model_device', 'amp_dtype', 'ScaledOptimizer', 'MixedPrecision',
@@ -36,7 +36,8 @@ def amp_dtype(device: torch.device | str, dtype: torch.dtype | None = None) -> t
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"MixedPrecision runs on a CPU or a CUDA GPU; the model is on {device}")
     if dtype is not None:
-        if dtype not in HALF_TYPES: raise ValueError(f"MixedPrecision dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        if dtype not in HALF_TYPES:
+            raise ValueError(f"MixedPrecision dtype must be torch.bfloat16 or torch.float16, got {dtype}")
         return dtype
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False): return torch.float16
     return torch.bfloat16
@@ -171,7 +172,8 @@ def make_accelerator(mixed_precision: str = 'no', **kwargs: Any) -> Accelerator:
             f"this is one of {n} launched processes, but Accelerate set up {acc.num_processes} "
             f"({acc.distributed_type}): each process would train its own full copy on all the data. Create no "
             f"Accelerator before this one (Accelerate keeps one state per process); without a GPU, launch with "
-            f"`torchrun --nproc-per-node {n} script.py` or `accelerate launch --multi_gpu --num_processes {n} script.py`")
+            f"`torchrun --nproc-per-node {n} script.py` or "
+            f"`accelerate launch --multi_gpu --num_processes {n} script.py`")
     return acc
 
 # %% ../notebooks/01a_accelerate.ipynb #a029
@@ -194,7 +196,8 @@ def as_dataloader(dl: Any) -> DataLoader:
     "A PyTorch `DataLoader` that Accelerate can shard: `dl` itself, or one serving a `TensorLoader`'s batches."
     if isinstance(dl, DataLoader): return dl
     if isinstance(dl, TensorLoader):
-        return DataLoader(TensorLoaderDataset(dl), batch_size=dl.batch_size, shuffle=dl.shuffle, collate_fn=_whole_batch)
+        return DataLoader(TensorLoaderDataset(dl), batch_size=dl.batch_size, shuffle=dl.shuffle,
+                          collate_fn=_whole_batch)
     raise TypeError(f"AccelerateCB can shard a PyTorch DataLoader or a miniai TensorLoader, not a {type(dl).__name__}")
 
 # %% ../notebooks/01a_accelerate.ipynb #a032
@@ -227,6 +230,9 @@ class AccelerateCB(TrainCB):
         if any(isinstance(cb, LRFinderCB) for cb in learn.cbs):
             raise RuntimeError(f"lr_find under {n} processes is not supported: run it in one process (plain "
                                f"`python script.py`) and pass the learning rate it suggests to the launched run")
+        if any(isinstance(cb, DeviceCB) for cb in learn.cbs):
+            raise ValueError(f"remove DeviceCB: under {n} processes each one has its own device ({self.acc.device} "
+                             f"here), where Accelerate already puts the model and the batches")
         hooks = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, HooksCallback)]
         if hooks:
             raise RuntimeError(f"{hooks[0]} under {n} processes is not supported: each process would record the "

@@ -23,8 +23,8 @@ from miniai.accel import (AccelerateCB, MixedPrecision, ScaledOptimizer, TensorL
                           as_dataloader, launched_processes)
 from miniai.activations import ActivationStats
 from miniai.datasets import DataLoaders, TensorLoader, fashion_dls
-from miniai.learner import (BatchSchedCB, Callback, Learner, MetricsCB, MomentumLearner, ProgressCB, TrainCB,
-                            TrainLearner, set_seed)
+from miniai.learner import (BatchSchedCB, Callback, DeviceCB, Learner, MetricsCB, MomentumLearner, ProgressCB,
+                            TrainCB, TrainLearner, set_seed)
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -99,10 +99,12 @@ def worker(out: Path) -> None:
     torch.save(model.state_dict(), out/f'dd{rank}.pt')
 
     # (c) what is refused under several processes, with the model left as it was
-    for name, fit in (('stats', lambda l: l.fit(1, cbs=[ActivationStats()])), ('lr_find', lambda l: l.lr_find(plot=False))):
+    refused = {'stats': lambda l: l.fit(1, cbs=[ActivationStats()]), 'lr_find': lambda l: l.lr_find(plot=False),
+               'device': lambda l: l.fit(1, cbs=[DeviceCB()])}
+    for name, fit in refused.items():
         learn = Learner(model, dls, F.cross_entropy, lr=0.1, cbs=[AccelerateCB()], opt_func=sgd)
         try: fit(learn); res[name] = None
-        except RuntimeError as e: res[name] = str(e)
+        except (RuntimeError, ValueError) as e: res[name] = str(e)
         assert learn.model is model
     print(f"rank {rank} finished", flush=True)
     (out/f'result{rank}.json').write_text(json.dumps(res))
@@ -206,11 +208,12 @@ def test_only_rank_0_prints_the_table(two_procs):
     assert out1.strip() == 'rank 1 finished'   # its own print after fit gets through: stdout was given back
 
 
-def test_lr_find_and_activation_stats_refuse_several_processes(two_procs):
+def test_lr_find_activation_stats_and_device_cb_refuse_several_processes(two_procs):
     _, (r0, r1), _ = two_procs
     for r in (r0, r1):
         assert r['stats'] is not None and 'ActivationStats under 2 processes is not supported' in r['stats']
         assert r['lr_find'] is not None and 'lr_find under 2 processes is not supported' in r['lr_find']
+        assert r['device'] is not None and 'remove DeviceCB' in r['device']
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +278,8 @@ def test_accelerate_cb_refuses_what_it_cannot_do(fresh_accelerate):
 
 
 def test_launched_processes_reads_the_launcher(monkeypatch):
-    for name in ('WORLD_SIZE', 'PMI_SIZE', 'OMPI_COMM_WORLD_SIZE', 'MV2_COMM_WORLD_SIZE'): monkeypatch.delenv(name, raising=False)
+    for name in ('WORLD_SIZE', 'PMI_SIZE', 'OMPI_COMM_WORLD_SIZE', 'MV2_COMM_WORLD_SIZE'):
+        monkeypatch.delenv(name, raising=False)
     assert launched_processes() == 1
     monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4'); assert launched_processes() == 4
     monkeypatch.setenv('WORLD_SIZE', '3'); assert launched_processes() == 3
@@ -375,7 +379,8 @@ class Snapshot(Callback):
     def before_fit(self, learn): self.steps = []
     def after_loss(self, learn):
         if learn.training: self.before = [p.detach().clone() for p in learn.model.parameters()]
-    def after_step(self, learn): self.steps.append((self.before, [p.detach().clone() for p in learn.model.parameters()]))
+    def after_step(self, learn):
+        self.steps.append((self.before, [p.detach().clone() for p in learn.model.parameters()]))
 
 
 def _inf_step_is_skipped(device):
