@@ -124,13 +124,16 @@ class ProgressCB(Callback):
     order = MetricsCB.order + 1
     def __init__(self, plot: bool = False, updates_per_epoch: int = 4):
         self.plot, self.updates_per_epoch = plot, updates_per_epoch
-        self.mbar, self._logger, self._pending, self.losses = None, None, [], []
+        self.mbar, self._logger, self._pending, self.losses, self.graph = None, None, [], [], False
 
     def before_fit(self, learn: Learner) -> None:
         self._logger, learn.logger = learn.logger, self.log_row   # the learner's rows now go to our table
         # bars only where they can be redrawn: in a notebook or an interactive terminal; else plain text rows
         self.bars = fastprogress.fastprogress.IN_NOTEBOOK or sys.stdout.isatty()
         self.mbar = fastprogress.master_bar(range(learn.n_epochs)) if self.bars else None
+        # a graph only where fastprogress draws one: its notebook bar (the terminal bar has no graph)
+        self.graph = self.plot and isinstance(self.mbar, fastprogress.fastprogress.NBMasterBar)
+        if self.graph: self.mbar.names = ['training loss (each batch)', 'validation loss (each epoch)']
         self.epochs = iter(self.mbar) if self.bars else None
         self.first_row = True
         self.losses: list[float] = []
@@ -161,7 +164,7 @@ class ProgressCB(Callback):
     def after_batch(self, learn: Learner) -> None:
         if learn.training:
             self._pending.append(learn.loss.detach())
-            if self.plot and self.bars and (learn.iter + 1) % self._every == 0: self._update_graph()
+            if self.graph and (learn.iter + 1) % self._every == 0: self._update_graph()
 
     def _flush(self) -> None:
         "Read the pending per-batch losses from the device in one transfer."
@@ -178,10 +181,14 @@ class ProgressCB(Callback):
         self.mbar.update_graph(graphs)
 
     def after_epoch(self, learn: Learner) -> None:
-        if self.plot and self.bars: self._update_graph()
+        if self.graph: self._update_graph()
         else: self._flush()
 
     def cleanup_fit(self, learn: Learner) -> None:
         self._flush()
         if learn.logger == self.log_row: learn.logger = self._logger   # unless before_fit never got to swap it
-        if self.mbar is not None: self.mbar.on_iter_end()
+        if self.mbar is not None:
+            ax = getattr(self.mbar, 'graph_ax', None)   # fastprogress clears it at every update: label it once, last
+            if self.graph and ax is not None:
+                ax.set(xlabel='training batches seen', ylabel='loss', title='Loss during training')
+            self.mbar.on_iter_end()                      # the notebook bar redraws its graph here

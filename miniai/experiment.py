@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from .callback import Callback, CancelFitException
-from .callbacks import DeviceCB, MetricsCB, ProgressCB
+from .callbacks import DeviceCB, MetricsCB, ProgressCB   # first: it silences torcheval's warning on import
 from .device import def_device, set_seed
 from .learner import Learner, MomentumLearner
-from torcheval.metrics import MulticlassAccuracy   # after miniai.callbacks, which quiets torcheval's import warning
+from torcheval.metrics import MulticlassAccuracy               # after miniai.callbacks, for the reason above
 
 # %% ../notebooks/01_learner.ipynb #c005e
 _MEAN_REMOVING_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

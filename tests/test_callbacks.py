@@ -1,6 +1,9 @@
 """miniai.callbacks: device and batch transforms, per-batch schedules, metrics against hand computations, rows, progress."""
 import math
 
+import fastprogress
+import IPython.display
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,8 +196,37 @@ def test_progress_restores_the_logger_when_fit_raises(where):
 
 
 def test_progress_cleanup_after_an_earlier_before_fit_failed():
+    # ProgressCB declares its state in __init__, so its cleanup_fit runs even when its before_fit never did
     class Boom(Callback):
         order = -1
         def before_fit(self, learn): raise RuntimeError('boom')
     learn = TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.1, cbs=[ProgressCB(), Boom()])
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1)
+
+
+def test_progress_graph_in_a_notebook_has_labelled_axes_and_a_legend(monkeypatch):
+    fp = fastprogress.fastprogress                    # ProgressCB as in Jupyter: fastprogress's notebook bars
+    class Handle:                                     # what IPython's display returns in a kernel: updatable output
+        def __init__(self, obj): self.obj = obj
+        def update(self, obj): self.obj = obj
+    monkeypatch.setattr(IPython.display, 'display', lambda obj, *args, **kwargs: Handle(obj))   # no kernel here
+    monkeypatch.setattr(fp, 'IN_NOTEBOOK', True)
+    monkeypatch.setattr(fastprogress, 'master_bar', fp.NBMasterBar)
+    monkeypatch.setattr(fastprogress, 'progress_bar', fp.NBProgressBar)
+    progress = ProgressCB(plot=True)
+    TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.1, cbs=[MetricsCB(), progress]).fit(2)
+    ax = progress.mbar.graph_ax
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ('training batches seen', 'loss', 'Loss during training')
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['training loss (each batch)',
+                                                                  'validation loss (each epoch)']
+    train, valid = ax.get_lines()
+    assert list(train.get_ydata()) == pytest.approx(progress.losses) and len(progress.losses) == 2*3
+    assert list(valid.get_ydata()) == pytest.approx(progress.val_losses) and list(valid.get_xdata()) == [3, 6]
+
+
+def test_progress_plot_in_a_terminal_draws_nothing_and_keeps_the_text_table(monkeypatch, capsys):
+    monkeypatch.setattr('sys.stdout.isatty', lambda: True)   # a terminal: fastprogress's console bars, no graph
+    progress = ProgressCB(plot=True)
+    TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.1, cbs=[MetricsCB(), progress]).fit(1)
+    assert not progress.graph and not hasattr(progress.mbar, 'graph_ax')
+    assert 'epoch' in capsys.readouterr().out
