@@ -97,7 +97,7 @@ def run_one(path: Path, timeout: int) -> float:
     finally:
         if env_smoke is not None: os.environ['MINIAI_SMOKE'] = env_smoke
     took = time.perf_counter() - t0
-    nb.metadata['miniai'] = {'full_run_seconds': round(took, 1)}
+    nb.metadata['miniai'] = {'full_run_seconds': round(took, 1), 'outputs_tidied': True}
     tidy_outputs(nb)
     tmp = path.with_name(f'.{path.name}.tmp')
     clean_nb(nb, allowed_metadata_keys=['miniai'])   # nbdev's clean: no execution counts or kernel metadata churn
