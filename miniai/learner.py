@@ -99,7 +99,7 @@ class Learner:
         cbs, saved = _as_list(cbs), list(self.cbs)
         self.cbs = [cb for cb in saved if not any(cb is c for c in cbs)]
         try: yield
-        finally: self.cbs = saved
+        finally: self.cbs = saved + [cb for cb in self.cbs if not any(cb is s for s in saved)]   # keep any added inside
 
     @contextmanager
     def _stage(self, name: str, cancel: type[Exception]) -> Iterator[None]:
