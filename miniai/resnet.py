@@ -10,15 +10,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .init import GeneralRelu, conv
+from .experiment import conv
+from .init import GeneralRelu
 
 # %% auto #0
-__all__ = ['act_gr', 'ResBlock', 'zero_last_norm', 'LayerSummary', 'Summary', 'summary']
+__all__ = ['act_gr', 'ResBlock', 'LayerSummary', 'Summary', 'summary', 'zero_last_norm']
 
 # %% ../notebooks/07_resnets.ipynb #r003
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)   # the lessons' usual activation: leaky ReLU, shifted down by 0.4
 
-# %% ../notebooks/07_resnets.ipynb #r004
+# %% ../notebooks/07_resnets.ipynb #r021
 def _conv_block(ni: int, nf: int, stride: int, act: Callable | None, norm: Callable | None, ks: int) -> nn.Sequential:
     "The residual branch: a conv with `stride` and `act`, then a conv without an activation (each with `norm`)."
     return nn.Sequential(conv(ni, nf, ks=ks, stride=stride, act=act, norm=norm),
@@ -44,23 +45,7 @@ class ResBlock(nn.Module):
                              f"{tuple(short.shape)} (an even kernel size does not keep the two in step)")
         return self.act(out + short)
 
-# %% ../notebooks/07_resnets.ipynb #r005
-def zero_last_norm(model: nn.Module) -> nn.Module:
-    "Set the scale of the norm after the second conv of every ResBlock in `model` to 0, so each starts as its shortcut."
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, ResBlock)]
-    if not blocks: raise ValueError(f"zero_last_norm: {type(model).__name__} contains no ResBlock")
-    for name, block in blocks:
-        last = block.convs[1]                             # conv, then norm if the block has one
-        scale = None
-        if len(last) > 1: scale = getattr(last[1], 'weight', None)
-        if len(last) > 1 and scale is None: scale = getattr(last[1], 'mults', None)   # miniai.norm.BatchNorm
-        if not isinstance(scale, torch.Tensor):
-            raise ValueError(f"zero_last_norm: ResBlock '{name}' has no norm with a scale after its second conv "
-                             f"(built with norm={'None' if len(last) == 1 else type(last[1]).__name__})")
-        with torch.no_grad(): scale.zero_()
-    return model
-
-# %% ../notebooks/07_resnets.ipynb #r006
+# %% ../notebooks/07_resnets.ipynb #r031
 class LayerSummary(NamedTuple):
     "One row of `summary`: the layer's name and type, its output shape per item, parameters, multiply-adds per item."
     name: str
@@ -133,3 +118,19 @@ def summary(learn_or_model: Any, xb: torch.Tensor | None = None) -> Summary:
         model.train(was_training)
     return Summary([LayerSummary(name, r['kind'], r['out_shape'], r['params'], r['macs']) for name, r in rows.items()],
                    tuple(xb.shape[1:]))
+
+# %% ../notebooks/07_resnets.ipynb #r051
+def zero_last_norm(model: nn.Module) -> nn.Module:
+    "Set the scale of the norm after the second conv of every ResBlock in `model` to 0, so each starts as its shortcut."
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, ResBlock)]
+    if not blocks: raise ValueError(f"zero_last_norm: {type(model).__name__} contains no ResBlock")
+    for name, block in blocks:
+        last = block.convs[1]                             # conv, then norm if the block has one
+        scale = None
+        if len(last) > 1: scale = getattr(last[1], 'weight', None)
+        if len(last) > 1 and scale is None: scale = getattr(last[1], 'mults', None)   # miniai.norm.BatchNorm
+        if not isinstance(scale, torch.Tensor):
+            raise ValueError(f"zero_last_norm: ResBlock '{name}' has no norm with a scale after its second conv "
+                             f"(built with norm={'None' if len(last) == 1 else type(last[1]).__name__})")
+        with torch.no_grad(): scale.zero_()
+    return model

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 
-# TODO(lead): take Callback from miniai.callback once learner.py is split (sched.py must not import miniai.learner)
-from .learner import Callback
+from .callback import Callback   # not miniai.learner: it re-exports these callbacks (an import cycle)
 
 if TYPE_CHECKING: from miniai.learner import Learner
 
@@ -147,7 +146,6 @@ class OneCycle(HyperScheduler):
 # %% ../notebooks/06_schedules.ipynb #s023
 class BaseSchedCB(Callback):
     "Build a scheduler with `sched(learn.opt)` at the start of each fit; subclasses step it, in training only."
-    in_lr_find = False   # a schedule would fight the learning-rate finder's own sweep
     def __init__(self, sched: Callable): self.sched = sched
     def before_fit(self, learn: Learner) -> None: self.schedo = self.sched(learn.opt)
     def _step(self, learn: Learner) -> None:
