@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['DeviceCB', 'SingleBatchCB', 'BatchTransformCB', 'BatchSchedCB', 'MetricsCB', 'format_row', 'epoch_times', 'ProgressCB']
+__all__ = ['DeviceCB', 'SingleBatchCB', 'BatchTransformCB', 'BaseSchedCB', 'BatchSchedCB', 'MetricsCB', 'format_row', 'epoch_times', 'ProgressCB']
 
 # %% ../notebooks/01_learner.ipynb #c017i
 import sys
@@ -43,11 +43,16 @@ class BatchTransformCB(Callback):
         if (self.on_train and learn.training) or (self.on_val and not learn.training):
             learn.batch = self.tfm(learn.batch)
 
-class BatchSchedCB(Callback):
-    "Step a learning-rate scheduler, built by `sched(opt)` at the start of fit, after every optimizer step."
+class BaseSchedCB(Callback):
+    "Build a scheduler with `sched(learn.opt)` at the start of each fit; subclasses step it, in training only."
     def __init__(self, sched: Callable): self.sched = sched
     def before_fit(self, learn: Learner) -> None: self.schedo = self.sched(learn.opt)
-    def after_step(self, learn: Learner) -> None: self.schedo.step()
+    def _step(self, learn: Learner) -> None:
+        if learn.training: self.schedo.step()
+
+class BatchSchedCB(BaseSchedCB):
+    "Step the scheduler (a `torch.optim.lr_scheduler`, or lesson 06's) after every optimizer step."
+    def after_step(self, learn: Learner) -> None: self._step(learn)
 
 # %% ../notebooks/01_learner.ipynb #c019
 class MetricsCB(Callback):

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 
-from .callback import Callback   # not miniai.learner: it re-exports these callbacks (an import cycle)
+from .callback import Callback                # not miniai.learner: it re-exports these callbacks (an import cycle)
+from .callbacks import BaseSchedCB, BatchSchedCB   # lesson 01's; importing them here makes miniai.sched complete
 
 if TYPE_CHECKING: from miniai.learner import Learner
 
 # %% auto #0
 __all__ = ['get_mom', 'set_mom', 'sched_lin', 'sched_cos', 'cosine_lr', 'one_cycle', 'HyperScheduler', 'CosineAnnealing',
-           'OneCycle', 'BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB']
+           'OneCycle', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB']
 
 # %% ../notebooks/06_schedules.ipynb #s009
 _MOM_KEYS = ('betas', 'momentum', 'mom')   # Adam-style torch optimizers, torch SGD/RMSprop, miniai.optimizer
@@ -144,17 +145,6 @@ class OneCycle(HyperScheduler):
         return {'lr': lr, 'mom': mom} if self.cycle_momentum else {'lr': lr}
 
 # %% ../notebooks/06_schedules.ipynb #s023
-class BaseSchedCB(Callback):
-    "Build a scheduler with `sched(learn.opt)` at the start of each fit; subclasses step it, in training only."
-    def __init__(self, sched: Callable): self.sched = sched
-    def before_fit(self, learn: Learner) -> None: self.schedo = self.sched(learn.opt)
-    def _step(self, learn: Learner) -> None:
-        if learn.training: self.schedo.step()
-
-class BatchSchedCB(BaseSchedCB):
-    "Step the scheduler after every optimizer step (every training batch)."
-    def after_step(self, learn: Learner) -> None: self._step(learn)
-
 class EpochSchedCB(BaseSchedCB):
     "Step the scheduler after every training epoch."
     def after_epoch(self, learn: Learner) -> None: self._step(learn)
