@@ -16,7 +16,7 @@ from .plotting import show_images
 
 # %% auto #0
 __all__ = ['tfm_batch', 'hflip', 'rand_flip', 'rand_translate', 'rand_crop', 'rand_erase', 'RandErase', 'rand_copy', 'RandCopy',
-           'show_image_batch', 'CapturePreds', 'capture_preds', 'accuracy', 'tta_preds']
+           'show_image_batch', 'CapturePreds', 'capture_preds', 'accuracy', 'tta_preds', 'TTACB']
 
 # %% ../notebooks/09_capstone.ipynb #ka-tfm_batch
 def tfm_batch(b: Sequence[torch.Tensor], tfm_x: Callable | None = None, tfm_y: Callable | None = None) -> tuple:
@@ -201,3 +201,14 @@ def tta_preds(learn: Learner, tfms: Sequence[Callable] = (hflip,)) -> tuple[torc
         if not torch.equal(t, targs): raise ValueError("tta_preds: the validation loader must not shuffle")
         all_preds.append(p)
     return torch.stack(all_preds).mean(0), targs                                 # (N, n_classes), (N,)
+
+# %% ../notebooks/09_capstone.ipynb #ka-ttacb
+class TTACB(Callback):
+    "Test-time augmentation inside validation: each batch's predictions become their mean with those on `tfms(x)`."
+    order = 1
+    def __init__(self, tfms: Sequence[Callable] = (hflip,)): self.tfms = tuple(tfms)
+    def after_predict(self, learn: Learner) -> None:
+        if learn.training or not self.tfms: return
+        x = learn.batch[0]                                                         # (B, C, H, W)
+        preds = [learn.preds] + [learn.model(tfm(x)) for tfm in self.tfms]         # each (B, n_classes)
+        learn.preds = torch.stack(preds).mean(0)
