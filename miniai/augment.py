@@ -204,11 +204,13 @@ def tta_preds(learn: Learner, tfms: Sequence[Callable] = (hflip,)) -> tuple[torc
 
 # %% ../notebooks/09_capstone.ipynb #ka-ttacb
 class TTACB(Callback):
-    "Test-time augmentation inside validation: each batch's predictions become their mean with those on `tfms(x)`."
+    "Test-time augmentation in validation (the last epoch's only, unless `every_epoch`): mean of the preds on x and `tfms(x)`."
     order = 1
-    def __init__(self, tfms: Sequence[Callable] = (hflip,)): self.tfms = tuple(tfms)
+    def __init__(self, tfms: Sequence[Callable] = (hflip,), every_epoch: bool = False):
+        self.tfms, self.every_epoch = tuple(tfms), every_epoch
     def after_predict(self, learn: Learner) -> None:
         if learn.training or not self.tfms: return
+        if not self.every_epoch and learn.epoch < learn.n_epochs - 1: return
         x = learn.batch[0]                                                         # (B, C, H, W)
         preds = [learn.preds] + [learn.model(tfm(x)) for tfm in self.tfms]         # each (B, n_classes)
         learn.preds = torch.stack(preds).mean(0)

@@ -146,7 +146,7 @@ def run_recipe(r: Recipe, dls, seeds: Sequence[int] = (0,), technique: str | Non
 # The lesson's final recipes, one per training budget on a quiet 2-core CPU (seconds per run, estimated from the
 # seconds per epoch): the flags are the ones the lesson's validation rows keep; epochs fill the budget.
 BUDGETS = {
-    '5min': Recipe('wide ResNet, flip + shift, TTA, 5-minute budget', epochs=11, nfs=(32, 64, 128, 256), stem=32,
+    '5min': Recipe('wide ResNet, flip + shift, TTA, 5-minute budget', epochs=10, nfs=(32, 64, 128, 256), stem=32,
                    flip=True, shift=2, tta=True),
     '20min': Recipe('wide ResNet, flip + shift + erase, TTA, 20-minute budget', epochs=45, nfs=(32, 64, 128, 256),
                     stem=32, flip=True, shift=2, erase=0.2, tta=True),
