@@ -148,6 +148,6 @@ def run_recipe(r: Recipe, dls, seeds: Sequence[int] = (0,), technique: str | Non
 BUDGETS = {
     '5min': Recipe('wide ResNet, flip + shift, TTA, 5-minute budget', epochs=10, nfs=(32, 64, 128, 256), stem=32,
                    flip=True, shift=2, tta=True),
-    '20min': Recipe('wide ResNet, flip + shift + erase, TTA, 20-minute budget', epochs=45, nfs=(32, 64, 128, 256),
+    '20min': Recipe('wide ResNet, flip + shift + erase, TTA, 20-minute budget', epochs=80, nfs=(32, 64, 128, 256),
                     stem=32, flip=True, shift=2, erase=0.2, tta=True),
 }
