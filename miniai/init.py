@@ -77,7 +77,7 @@ def _output_stats(model: nn.Module, m: nn.Module, xb: torch.Tensor) -> dict:
         hook.stats = {'finite': bool(torch.isfinite(o).all()), 'mean': o.mean().item(), 'std': o.std().item(),
                       'min': o.min().item(), 'varies': bool((o != o[:1]).any())}   # any item differs from the first?
     with Hook(m, record) as h, torch.no_grad(), frozen_bn_stats(model): model(xb)
-    if not hasattr(h, 'stats'): raise _LSUVFailure("it was not called by model(xb)")
+    if h.stats is None: raise _LSUVFailure("it was not called by model(xb)")
     return h.stats
 
 def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor,

@@ -5,6 +5,7 @@ from functools import partial
 import matplotlib
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn, optim
 
 matplotlib.use('Agg')
@@ -136,7 +137,7 @@ def test_batch_sched_cb_follows_the_schedule_in_training_only():
     T = epochs * len(dls.train)
     seen = LRsSeen()
     sched = BatchSchedCB(partial(OneCycle, max_lr=0.3, total_steps=T))
-    TrainLearner(nn.Linear(3, 1), dls, lr=0.1, cbs=[sched, seen], opt_func=partial(optim.SGD, momentum=0.9)).fit(epochs)
+    TrainLearner(nn.Linear(3, 1), dls, F.mse_loss, lr=0.1, cbs=[sched, seen], opt_func=partial(optim.SGD, momentum=0.9)).fit(epochs)
     want = [one_cycle(s, T, 0.3) for s in range(T)]
     assert len(seen.train) == T and max(abs(a - b) for got, w in zip(seen.train, want) for a, b in zip(got, w)) < 1e-12
     assert sched.schedo.last_step == T                                            # validation did not step it
@@ -147,14 +148,14 @@ def test_batch_sched_cb_follows_the_schedule_in_training_only():
 def test_batch_sched_cb_keeps_todays_behaviour_with_a_torch_scheduler():
     seen = LRsSeen()
     sched = BatchSchedCB(lambda opt: optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
-    TrainLearner(nn.Linear(3, 1), toy_dls(n_train=10), lr=0.8, cbs=[sched, seen]).fit(1)
+    TrainLearner(nn.Linear(3, 1), toy_dls(n_train=10), F.mse_loss, lr=0.8, cbs=[sched, seen]).fit(1)
     assert [lr for lr, _ in seen.train] == [0.8, 0.4, 0.2]
 
 
 def test_epoch_sched_cb_steps_once_per_training_epoch():
     seen = LRsSeen()
     sched = EpochSchedCB(partial(CosineAnnealing, T_max=4))
-    TrainLearner(nn.Linear(3, 1), toy_dls(), lr=0.2, cbs=[sched, seen], opt_func=SGD).fit(4)
+    TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.2, cbs=[sched, seen], opt_func=SGD).fit(4)
     per_epoch = len(toy_dls().train)
     lrs = [lr for lr, _ in seen.train]
     assert all(lrs[e*per_epoch:(e + 1)*per_epoch] == [pytest.approx(cosine_lr(e, 4, 0.2))]*per_epoch for e in range(4))
@@ -165,7 +166,7 @@ def test_a_fit_longer_than_the_schedule_stops_with_a_clear_error():
     dls = toy_dls()
     model = nn.Linear(3, 1)
     sched = BatchSchedCB(partial(OneCycle, max_lr=0.3, total_steps=2*len(dls.train)))   # built for 2 epochs
-    learn = TrainLearner(model, dls, lr=0.1, cbs=[sched], opt_func=partial(optim.SGD, momentum=0.9))
+    learn = TrainLearner(model, dls, F.mse_loss, lr=0.1, cbs=[sched], opt_func=partial(optim.SGD, momentum=0.9))
     with pytest.raises(ValueError, match='total_steps=6 and was stepped to step 7') as e:
         learn.fit(3)
     assert 'BatchSchedCB.after_step (epoch 2, batch 0)' in ''.join(e.value.__notes__)
@@ -177,7 +178,7 @@ def test_recorder_records_per_training_batch_and_plots():
     T = epochs * len(dls.train)
     rec = RecorderCB(lr=lambda cb: cb.pg['lr'], mom=lambda cb: get_mom(cb.pg), loss=lambda cb: cb.learn.loss.item())
     sched = BatchSchedCB(partial(OneCycle, max_lr=0.3, total_steps=T))
-    TrainLearner(nn.Linear(3, 1), dls, lr=0.1, cbs=[sched, rec], opt_func=partial(SGD, mom=0.9)).fit(epochs)
+    TrainLearner(nn.Linear(3, 1), dls, F.mse_loss, lr=0.1, cbs=[sched, rec], opt_func=partial(SGD, mom=0.9)).fit(epochs)
     want = [one_cycle(s, T, 0.3) for s in range(T)]
     assert rec.recs['lr'] == pytest.approx([lr for lr, _ in want]) and rec.recs['mom'] == pytest.approx([m for _, m in want])
     assert len(rec.recs['loss']) == T and rec.learn is None
@@ -192,5 +193,5 @@ def test_has_learn_cb_drops_the_learner_however_the_fit_ends():
             seen.append(self.learn is learn)
             raise RuntimeError('boom')
     cb = Boom()
-    with pytest.raises(RuntimeError): TrainLearner(nn.Linear(3, 1), toy_dls(), lr=0.1, cbs=[cb]).fit(1)
+    with pytest.raises(RuntimeError): TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.1, cbs=[cb]).fit(1)
     assert seen == [True] and cb.learn is None
