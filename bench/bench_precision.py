@@ -1,9 +1,9 @@
 """Benchmark: mixed precision and several processes for the lesson CNN, as ratios measured in one run.
 
-1. bfloat16 against float32 on the CPU: training steps of the lesson CNN (batch 256) through `TrainLearner`, with
-   and without `MixedPrecision()`. The two alternate, `--reps` pairs of `--batches` batches each, every run from the
-   same weights on the same batches; prints the fastest run of each (noise only ever adds time) and the median of
-   the per-pair ratios.
+1. bfloat16 against float32 on the CPU: training batches of the lesson CNN (batch 256) through `TrainLearner`, with
+   and without `MixedPrecision()`, in lockstep: one batch of each in turn (one-batch fits, each learner on its own
+   copy of the same initial model), `--rounds` rounds, so that a machine whose speed drifts slows both alike.
+   Prints the median time per batch of each, the ratio of their total times and the median per-round ratio.
 2. Where a CUDA GPU is present: the same for float16 (with the gradient scaler) and bfloat16 against float32 on the
    GPU, at `--batch-size` and at `--big-batch-size` (the small CNN at batch 256 is bound by kernel launches, not by
    arithmetic, so the larger batch shows what the 16-bit units give).
@@ -11,7 +11,7 @@
    `torchrun --nproc-per-node 2`, on the CPU (each run given the same total number of threads), and on two GPUs
    when there are two; prints the ratio of the fastest training epoch of each.
 
-    uv run python bench/bench_precision.py [--reps 3] [--batches 8] [--skip-procs]
+    uv run python bench/bench_precision.py [--rounds 20] [--skip-procs]
 """
 import argparse
 import copy
@@ -45,36 +45,42 @@ def sync(device: torch.device) -> None:
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
 
-def time_run(model0, batches, device, dtype) -> float:
-    "Seconds to train a copy of `model0` on `batches` with TrainLearner, under MixedPrecision(dtype) unless None."
-    model = copy.deepcopy(model0)
-    cbs = [] if dtype is None else [MixedPrecision(dtype)]
-    learn = TrainLearner(model, DataLoaders(batches, batches[:1]), F.cross_entropy, lr=0.1, cbs=cbs)
-    sync(device)
-    t0 = time.perf_counter()
-    learn.fit(1, valid=False)
-    sync(device)
-    return time.perf_counter() - t0
+def lockstep(model0, batches, device, dtype, rounds: int) -> tuple[list[float], list[float]]:
+    "Seconds per training batch, float32 and under MixedPrecision(dtype), alternating batch by batch."
+    learners = {}
+    for dt in (None, dtype):
+        cbs = [] if dt is None else [MixedPrecision(dt)]
+        learners[dt] = TrainLearner(copy.deepcopy(model0), DataLoaders(batches[:1], batches[:1]), F.cross_entropy,
+                                    lr=0.1, cbs=cbs)
+    times = {None: [], dtype: []}
+    for i in range(rounds + 2):                          # the first two rounds warm up and are not counted
+        one = [batches[i % len(batches)]]
+        for dt in ((None, dtype) if i % 2 == 0 else (dtype, None)):
+            learn = learners[dt]
+            learn.dls = DataLoaders(one, one)
+            sync(device)
+            t0 = time.perf_counter()
+            learn.fit(1, valid=False)                    # one batch: forward, loss, backward, step
+            sync(device)
+            if i >= 2: times[dt].append(time.perf_counter() - t0)
+    return times[None], times[dtype]
 
 
-def compare(device, dtypes, batch_size, n_batches, reps) -> None:
-    "Print, for each 16-bit type, its time against float32's on `device`: fastest runs and median of pair ratios."
+def compare(device, dtypes, batch_size, n_batches, rounds) -> None:
+    "Print, for each 16-bit type, its time per batch against float32's on `device`, measured in lockstep."
     set_seed(0)
     dl = fashion_dls(batch_size, device=device).train
     batches = [b for b, _ in zip(dl, range(n_batches))]
     model0 = lesson_cnn().to(device)
-    for dtype in (None, *dtypes): time_run(model0, batches[:2], device, dtype)   # warm-up, untimed
     for dtype in dtypes:
+        t32, t16 = lockstep(model0, batches, device, dtype, rounds)
+        ratios = [a / b for a, b in zip(t16, t32)]
         name = str(dtype).removeprefix('torch.')
-        t32, t16, ratios = [], [], []
-        for i in range(reps):
-            order = [(None, t32), (dtype, t16)] if i % 2 == 0 else [(dtype, t16), (None, t32)]
-            for dt, out in order: out.append(time_run(model0, batches, device, dt))
-            ratios.append(t16[-1] / t32[-1])
-        per = 1000 / len(batches)
-        print(f"{device.type} batch {batch_size}: {name} {min(t16)*per:.1f} ms/step vs float32 {min(t32)*per:.1f} "
-              f"ms/step: fastest {min(t16)/min(t32):.2f}x, median of {reps} pairs {statistics.median(ratios):.2f}x "
-              f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        print(f"{device.type} batch {batch_size}: {name} {statistics.median(t16)*1000:.1f} ms/batch vs float32 "
+              f"{statistics.median(t32)*1000:.1f} ms/batch (medians of {rounds}): {sum(t16)/sum(t32):.2f}x the "
+              f"time in all, median of the per-round ratios {statistics.median(ratios):.2f}x "
+              f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.2f}-{statistics.quantiles(ratios, n=4)[2]:.2f})",
+              flush=True)
 
 
 def run_example(n_procs: int, epochs: int, env: dict) -> dict:
@@ -83,7 +89,9 @@ def run_example(n_procs: int, epochs: int, env: dict) -> dict:
               [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(n_procs)])
     res = subprocess.run(launch + [str(EXAMPLE), '--epochs', str(epochs)], capture_output=True, text=True,
                          env={**os.environ, **env}, cwd=ROOT)
-    if res.returncode: raise SystemExit(f"examples/train_cnn.py on {n_procs} processes failed:\n{res.stderr[-3000:]}")
+    if res.returncode:
+        raise SystemExit(f"examples/train_cnn.py on {n_procs} processes failed (exit status {res.returncode}):\n"
+                         f"{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1].removeprefix('result: '))
 
 
@@ -103,8 +111,8 @@ def compare_procs(epochs: int, gpu: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--reps', type=int, default=3, help='pairs of runs per comparison')
-    ap.add_argument('--batches', type=int, default=8, help='training batches per run')
+    ap.add_argument('--rounds', type=int, default=20, help='batches of each type per comparison (after 2 warm-up)')
+    ap.add_argument('--batches', type=int, default=8, help='distinct batches, used in turn')
     ap.add_argument('--batch-size', type=int, default=256)
     ap.add_argument('--big-batch-size', type=int, default=4096, help='a second batch size, on the GPU only')
     ap.add_argument('--epochs', type=int, default=2, help='epochs per run of the example script')
@@ -115,11 +123,11 @@ def main() -> None:
     print(f"machine: {cpu_name}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; torch {torch.__version__}",
           flush=True)
-    compare(torch.device('cpu'), [torch.bfloat16], args.batch_size, args.batches, args.reps)
+    compare(torch.device('cpu'), [torch.bfloat16], args.batch_size, args.batches, args.rounds)
     if torch.cuda.is_available():
         gpu = torch.device('cuda')
         for bs in (args.batch_size, args.big_batch_size):
-            compare(gpu, [torch.float16, torch.bfloat16], bs, max(args.batches, 20), args.reps)
+            compare(gpu, [torch.float16, torch.bfloat16], bs, args.batches, max(args.rounds, 100))
     if not args.skip_procs:
         compare_procs(args.epochs, gpu=False)
         if torch.cuda.device_count() >= 2: compare_procs(args.epochs, gpu=True)

@@ -7,8 +7,10 @@ The same file runs unchanged on one process or several:
     uv run accelerate launch --multi_gpu --num_processes 2 examples/train_cnn.py   # the same, started by Accelerate
 
 `--batch-size` is the global batch: with N processes each one takes batch_size/N items of every batch and the
-gradients are averaged, so the training is the same whatever N (up to the order of float additions; BatchNorm,
-with `--bn`, normalises each process's share on its own). Only the main process prints and writes `--save`.
+gradients are averaged, so each step is the one a single process would take on the same global batch, whatever N
+(up to the order of float additions; with `--bn`, BatchNorm normalises each process's share on its own). The
+shuffled order is drawn differently by one process and by several. Only the main process prints and writes
+`--save`.
 The last line printed is `result: {...}` (JSON: accuracy, loss, seconds of each training epoch...), for scripts
 that compare runs (bench/bench_precision.py).
 """

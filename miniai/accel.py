@@ -100,6 +100,7 @@ class MixedPrecision(Callback):
         device = model_device(learn.model)
         self.device_type, self.amp_dtype = device.type, amp_dtype(device, self.dtype)
         self.scaler = self.scaled_opt = None
+        self._unscaled = False
         if self.amp_dtype == torch.float16 and learn.opt is not None:
             if getattr(learn.opt, 'requires_closure', False):
                 raise ValueError(f"MixedPrecision: float16 needs a gradient scaler, which cannot replay the closure "
@@ -120,7 +121,7 @@ class MixedPrecision(Callback):
 
     def after_loss(self, learn: Learner) -> None:
         self._exit_autocast()   # the backward pass runs outside autocast, as PyTorch recommends
-        if self.scaler is None or not learn.training: return
+        if self.scaler is None or not learn.training or not learn.loss.requires_grad: return
         # Loss scaling: backward from loss*scale, so that small float16 gradients do not flush to zero. We scale
         # the gradient that flows back from the loss rather than the loss itself, so `learn.loss` (what the NaN
         # guard, the metrics and the progress bar read) stays the true loss.
