@@ -17,7 +17,9 @@ one; the Markdown copy and the style block are dropped and the plain-text copy b
 no viewer shows raw HTML.
 """
 import argparse
+import base64
 import html
+import io
 import math
 import os
 import platform
@@ -29,6 +31,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbdev.clean import clean_nb
+from PIL import Image
 
 from miniai.experiment import RESULTS_MIME
 
@@ -36,6 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'notebooks'
 RESULTS = ROOT/'results'
 BUDGET_S = 35*60   # the whole full run, every lesson
+LESSON_BUDGET_S = 5*60                                   # each lesson...
+LONG_LESSONS = {'07_resnets': 8*60, '09_capstone': 8*60}  # ...except these two
+MAX_NOTEBOOK_BYTES = 400_000
+
+
+def lesson_budget(stem: str) -> int:
+    "Seconds the full run of lesson `stem` may take on the project's 2-core CPU."
+    return LONG_LESSONS.get(stem, LESSON_BUDGET_S)
 
 
 def lessons() -> list[Path]:
@@ -63,8 +74,18 @@ def _text_table(table_html: str) -> str:
     return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def palette_png(b64: str) -> str:
+    "A PNG figure (base64) re-encoded with a 256-colour palette: the same look for plots, about a third of the bytes."
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    if im.mode == 'P': return b64                                          # already a palette image
+    q = im.convert('RGBA').quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    buf = io.BytesIO(); q.save(buf, format='PNG', optimize=True)
+    return base64.b64encode(buf.getvalue()).decode() if buf.tell() < len(b64) * 3 // 4 else b64
+
+
 def tidy_outputs(nb) -> None:
-    "Drop fastprogress's Markdown and style copies of its tables; its plain-text copy becomes a text table."
+    """Drop fastprogress's Markdown and style copies of its tables; its plain-text copy becomes a text table.
+    Figures are stored as palette PNGs, to keep each notebook small."""
     for cell in nb.cells:
         if cell.cell_type != 'code': continue
         kept = []
@@ -75,6 +96,7 @@ def tidy_outputs(nb) -> None:
                 continue                                                      # the CSS for the progress bars
             if data.get('text/markdown', '').startswith('```html'): del data['text/markdown']
             if '<table class="fastprogress">' in page: data['text/plain'] = _text_table(page)
+            if 'image/png' in data: data['image/png'] = palette_png(data['image/png'])
             kept.append(o)
         cell.outputs = kept
 
@@ -185,7 +207,10 @@ def main() -> None:
         for i, path in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {path.name} ...", flush=True)
             took = run_one(path, args.timeout)
-            print(f"[{i}/{len(todo)}] {path.name} done in {took:.0f} s", flush=True)
+            over = '' if took <= lesson_budget(path.stem) else f'  OVER its budget of {lesson_budget(path.stem)} s'
+            size = path.stat().st_size
+            big = '' if size <= MAX_NOTEBOOK_BYTES else f'  {size/1e3:.0f} KB, OVER {MAX_NOTEBOOK_BYTES/1e3:.0f} KB'
+            print(f"[{i}/{len(todo)}] {path.name} done in {took:.0f} s{over}{big}", flush=True)
     for path in lessons():
         s = nbformat.read(path, as_version=4).metadata.get('miniai', {}).get('full_run_seconds')
         if s is not None: seconds[path.stem] = s
