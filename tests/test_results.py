@@ -125,3 +125,13 @@ def test_runner_stores_figures_as_smaller_palette_pngs_that_look_the_same():
     assert a.shape == b.shape and len(after) < len(before)
     assert np.abs(a - b).mean() < 2.0                      # mean channel error out of 255: indistinguishable
     assert run_lessons.palette_png(after) == after         # idempotent
+
+
+def test_runner_drops_empty_progress_outputs_and_keeps_real_ones():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x')])
+    empty = nbformat.v4.new_output('display_data', data={'text/html': '<div></div>', 'text/plain': '<IPython...>'})
+    table = nbformat.v4.new_output('display_data', data={'text/html': '<table class="fastprogress"><tr><th>a</th></tr>'
+                                                                      '<tr><td>1</td></tr></table>', 'text/plain': 'x'})
+    nb.cells[0].outputs = [empty, table]
+    run_lessons.tidy_outputs(nb)
+    assert [o['data']['text/plain'] for o in nb.cells[0].outputs] == ['a\n1']

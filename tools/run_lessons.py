@@ -94,6 +94,9 @@ def tidy_outputs(nb) -> None:
             page = data.get('text/html', '')
             if o.output_type == 'display_data' and page.lstrip().startswith('<style') and '<table' not in page:
                 continue                                                      # the CSS for the progress bars
+            if o.output_type == 'display_data' and re.fullmatch(r'\s*(<div>\s*</div>)?\s*', page) and 'text/html' in data \
+                    and not any(k.startswith('image/') for k in data):
+                continue                                       # an empty progress bar, left by a run stopped early
             if data.get('text/markdown', '').startswith('```html'): del data['text/markdown']
             if '<table class="fastprogress">' in page: data['text/plain'] = _text_table(page)
             if 'image/png' in data: data['image/png'] = palette_png(data['image/png'])
