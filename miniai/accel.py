@@ -58,18 +58,11 @@ class ScaledOptimizer(torch.optim.Optimizer):
     @property
     def defaults(self) -> dict: return self.opt.defaults
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        "Clear the gradients of the wrapped optimizer."
-        self.opt.zero_grad(set_to_none=set_to_none)
-    def state_dict(self) -> dict:
-        "The wrapped optimizer's state."
-        return self.opt.state_dict()
-    def load_state_dict(self, state_dict: dict) -> None:
-        "Load the wrapped optimizer's state."
-        self.opt.load_state_dict(state_dict)
-    def add_param_group(self, param_group: dict) -> None:
-        "Add a parameter group to the wrapped optimizer."
-        self.opt.add_param_group(param_group)
+    # the rest of the Optimizer interface goes straight to the wrapped optimizer
+    def zero_grad(self, set_to_none: bool = True) -> None: self.opt.zero_grad(set_to_none=set_to_none)
+    def state_dict(self) -> dict: return self.opt.state_dict()
+    def load_state_dict(self, state_dict: dict) -> None: self.opt.load_state_dict(state_dict)
+    def add_param_group(self, param_group: dict) -> None: self.opt.add_param_group(param_group)
 
     def step(self, closure=None) -> None:
         "Unscale the gradients (unless already done), step unless one is inf or NaN, and update the scale."
