@@ -135,3 +135,19 @@ def test_runner_drops_empty_progress_outputs_and_keeps_real_ones():
     nb.cells[0].outputs = [empty, table]
     run_lessons.tidy_outputs(nb)
     assert [o['data']['text/plain'] for o in nb.cells[0].outputs] == ['a\n1']
+
+
+def test_results_figure_leaves_out_rows_with_a_collapsed_seed(tmp_path, monkeypatch):
+    "A row with one seed at chance would stretch its lesson's scale to 0.1: the page names it instead of plotting it."
+    monkeypatch.setattr(run_lessons, 'RESULTS', tmp_path)
+    row = lambda lesson, technique, accs: {'lesson': lesson, 'technique': technique, 'accuracies': accs,
+                                           'accuracy': sum(accs)/len(accs), 'spread': 0.01, 'seeds': [0, 1, 42][:len(accs)],
+                                           'epochs': 2, 'train_seconds': 10.0, 'epoch_time': 5.0}
+    rows = [row('03_a', 'steady', [0.86, 0.85, 0.87]), row('03_a', 'one seed collapsed', [0.82, 0.83, 0.10]),
+            row('04_b', 'other lesson', [0.88, 0.89, 0.88])]
+    info = {'cpu': 'x', 'cores': 2, 'gpu': 'none', 'torch': 't', 'python': 'p', 'os': 'o'}
+    run_lessons.write_results(rows, info, {})
+    page = (tmp_path/'results.md').read_text()
+    left_out = [l for l in page.splitlines() if l.startswith('Left out of the figure')]
+    assert len(left_out) == 1 and 'one seed collapsed' in left_out[0] and 'steady' not in left_out[0]
+    assert (tmp_path/'accuracy.png').stat().st_size > 1000
