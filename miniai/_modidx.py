@@ -502,6 +502,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'miniai.sched._mom_key': ('schedules.html#_mom_key', 'miniai/sched.py'),
                               'miniai.sched._per_group': ('schedules.html#_per_group', 'miniai/sched.py'),
                               'miniai.sched.cosine_lr': ('schedules.html#cosine_lr', 'miniai/sched.py'),
+                              'miniai.sched.ewma': ('schedules.html#ewma', 'miniai/sched.py'),
                               'miniai.sched.get_mom': ('schedules.html#get_mom', 'miniai/sched.py'),
                               'miniai.sched.one_cycle': ('schedules.html#one_cycle', 'miniai/sched.py'),
                               'miniai.sched.sched_cos': ('schedules.html#sched_cos', 'miniai/sched.py'),

@@ -15,8 +15,17 @@ from .callbacks import BaseSchedCB, BatchSchedCB   # lesson 01's; importing them
 if TYPE_CHECKING: from miniai.learner import Learner
 
 # %% auto #0
-__all__ = ['get_mom', 'set_mom', 'sched_lin', 'sched_cos', 'cosine_lr', 'one_cycle', 'HyperScheduler', 'CosineAnnealing',
+__all__ = ['ewma', 'get_mom', 'set_mom', 'sched_lin', 'sched_cos', 'cosine_lr', 'one_cycle', 'HyperScheduler', 'CosineAnnealing',
            'OneCycle', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB']
+
+# %% ../notebooks/06_schedules.ipynb #s005e
+def ewma(xs: Sequence[float], beta: float, debias: bool = False) -> list[float]:
+    "Exponentially weighted moving average of `xs`, optionally divided by the sum of its weights (debiased)."
+    out, a = [], 0.
+    for i, x in enumerate(xs, 1):
+        a = beta * a + (1 - beta) * x                      # weight 1 - beta on the new value, beta on the past
+        out.append(a / (1 - beta**i) if debias else a)     # 1 - beta**i: the sum of the weights so far
+    return out
 
 # %% ../notebooks/06_schedules.ipynb #s009
 _MOM_KEYS = ('betas', 'momentum', 'mom')   # Adam-style torch optimizers, torch SGD/RMSprop, miniai.optimizer

@@ -195,3 +195,16 @@ def test_has_learn_cb_drops_the_learner_however_the_fit_ends():
     cb = Boom()
     with pytest.raises(RuntimeError): TrainLearner(nn.Linear(3, 1), toy_dls(), F.mse_loss, lr=0.1, cbs=[cb]).fit(1)
     assert seen == [True] and cb.learn is None
+
+
+@pytest.mark.parametrize('beta', [0.5, 0.9, 0.99])
+def test_ewma_is_the_weighted_sum_of_the_values_so_far(beta):
+    "a_t = sum_k (1 - beta) beta^k x_{t-k}; debiased, divided by the sum of those weights, 1 - beta^t."
+    from miniai.sched import ewma
+    xs = torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    for t in (1, 2, 10, 50):
+        w = [(1 - beta) * beta**k for k in range(t)]                   # weights of x_t, x_{t-1}, ..., x_1
+        want = sum(wk * x for wk, x in zip(w, reversed(xs[:t])))
+        assert ewma(xs, beta)[t - 1] == pytest.approx(want, rel=1e-12)
+        assert ewma(xs, beta, debias=True)[t - 1] == pytest.approx(want / sum(w), rel=1e-12)
+    assert ewma([3.0] * 20, beta, debias=True) == pytest.approx([3.0] * 20, rel=1e-12)   # a constant stays itself
